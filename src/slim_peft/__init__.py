@@ -1,0 +1,34 @@
+"""slim-peft: fine-tune LLMs that learn more and forget less.
+
+SLIM (Soft LoRA and Identity Mixture) and the LoRA / MoE-LoRA baselines on one API.
+"""
+
+from .config import (
+    AdapterConfig,
+    ConfigError,
+    DoraConfig,
+    ILoraConfig,
+    LoraConfig,
+    LoraMoeConfig,
+    MixLoraConfig,
+    MolaConfig,
+    SlimConfig,
+    config_from_dict,
+)
+from .layers.base import TargetModuleError
+from .model import METHODS, AdapterError, AdapterModel, get_adapter_model, selected_logits
+
+
+def load_base_model(*args, **kwargs):
+    """(model, tokenizer) for the embedded "smollm2-135m" or any Hugging Face id / local path."""
+    from .assets import load_base_model as _load
+
+    return _load(*args, **kwargs)
+
+
+__all__ = [
+    "METHODS", "AdapterConfig", "AdapterError", "AdapterModel", "ConfigError", "DoraConfig", "ILoraConfig",
+    "LoraConfig", "LoraMoeConfig", "MixLoraConfig", "MolaConfig", "SlimConfig", "TargetModuleError",
+    "config_from_dict", "get_adapter_model", "load_base_model", "selected_logits",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,310 @@
+"""SLIM: Soft LoRA and Identity Mixture (Han et al. 2024, arXiv 2410.07739), as method.md specifies.
+
+Per mixture site: N_L LoRA experts (a stacked `LoraExpertBank` per adapted linear) and N_I identity experts.
+An identity expert has no parameters and adds nothing: y = (W + sum_{i in LoRA} w_i s B_i' A_i') x + b, the
+weight routed to identity experts is weight taken from the adapters. Identity experts therefore cost no
+FLOPs: they exist only as router outputs (expert ids >= N_L), which the dispatch drops.
+
+Routing (method.md items 1-6): router logits z = R h (fp32); the distance d of h to the sliding clusters
+of the training distribution lowers the LoRA logits, z_i <- z_i - gamma d (weight yielding); top-K, softmax
+over the kept logits. `routing="block"`: one router and cluster state per decoder FFN, on the FFN input,
+shared by its adapted projections; `routing="linear"`: one per adapted linear.
+
+Dynamic merging (item 7): the selected experts' low-rank factors are masked, B rows and A columns each
+dropped with probability q = 1 - sqrt(1 - p) and rescaled by 1 / (1 - p), so B' A' is an unbiased DARE-style
+drop-and-rescale of B A that never forms B A; `merge_form="exact"` applies DARE's elementwise mask to s B A.
+
+Decisions where the paper is silent or garbled (all config fields, see SlimConfig and method.md):
+- distance "calibrated" (default): d = rho / tau - 1, tau a running mean of rho over training tokens;
+  "max": d = rho - 1 (paper-literal). rho = max over channels |h - c_k| / sqrt(v_k + 1e-6), k the nearest
+  centre (Euclidean).
+- clusters are initialised from the first training batch (random distinct valid tokens as centres, the
+  batch's per-channel variance); until then (an untrained adapter), d = 0: no yielding.
+- with gradient checkpointing the recomputed forward updates the clusters a second time (a momentum step
+  on the same batch); masks are the same in the recomputation because checkpointing restores the RNG.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FFN_PROJ, AdapterConfig, SlimConfig
+from .base import ForwardContext, Method, find_targets, set_module
+from .experts import (
+    LoraExpertBank,
+    dense_gates,
+    drop_rescale_mask,
+    exact_dare_mixture,
+    factor_masks,
+    masked_factors,
+    mix_experts,
+)
+from .routing import LinearRouter, switch_balance_loss, top_k_routing
+
+EPS = 1e-6
+
+
+class SlidingClusters(nn.Module):
+    """Centres c_j and per-channel variances v_j of the training tokens, moved by momentum in training mode
+    (method.md item 3) and frozen in eval mode. Buffers: saved with the adapter."""
+
+    def __init__(self, num_clusters: int, dim: int, momentum: float, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("centres", torch.zeros(num_clusters, dim, device=device))
+        self.register_buffer("variances", torch.ones(num_clusters, dim, device=device))
+        self.register_buffer("tau", torch.ones((), device=device))  # running mean of rho (calibration)
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
+        self._ready = False  # host mirror of `initialized`, so the hot path does not synchronise
+
+    def ready(self) -> bool:
+        if not self._ready:
+            self._ready = bool(self.initialized)
+        return self._ready
+
+    def nearest(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(h, self.centres).argmin(dim=-1)
+
+    def rho(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """rho(h) = max over channels |h - c_k| / sqrt(v_k + eps) (method.md item 4)."""
+        return ((h - self.centres[k]).abs() * torch.rsqrt(self.variances[k] + EPS)).amax(dim=-1)
+
+    @torch.no_grad()
+    def initialize(self, h: torch.Tensor, w: torch.Tensor) -> None:
+        """Centres: random distinct valid tokens of the first batch; variances: that batch's per-channel
+        variance; tau: the batch's mean rho under these clusters."""
+        C = self.centres.shape[0]
+        n_valid = int(w.sum())
+        pick = torch.multinomial(w + 1e-12 * (n_valid == 0), C, replacement=n_valid < C)
+        mean = (h * w[:, None]).sum(0) / w.sum().clamp(min=1)
+        var = ((h - mean) ** 2 * w[:, None]).sum(0) / w.sum().clamp(min=1)
+        self.centres.copy_(h[pick])
+        self.variances.copy_(var.expand_as(self.variances))
+        rho = self.rho(h, self.nearest(h))
+        self.tau.copy_((rho * w).sum() / w.sum().clamp(min=1))
+        self.initialized.fill_(True)
+        self._ready = True
+
+    @torch.no_grad()
+    def update(self, h: torch.Tensor, w: torch.Tensor, k: torch.Tensor, rho: torch.Tensor) -> None:
+        """c <- (1 - m) c + m mean(h), v <- (1 - m) v + m mean((h - c)^2) per non-empty cluster; tau <-
+        (1 - m) tau + m mean(rho). Sums are all-reduced under DDP so every process keeps the same state."""
+        C = self.centres.shape[0]
+        onehot = F.one_hot(k, C).float() * w[:, None]  # T x C
+        stats = torch.cat([
+            onehot.sum(0)[:, None],  # counts
+            onehot.t() @ h,  # sums
+            onehot.t() @ (h - self.centres[k]) ** 2,  # squared deviations
+        ], dim=1)
+        rho_stats = torch.stack([(rho * w).sum(), w.sum()])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+            dist.all_reduce(rho_stats)
+        count, sums, sq = stats[:, :1], stats[:, 1:1 + h.shape[1]], stats[:, 1 + h.shape[1]:]
+        m = self.momentum
+        has = count > 0
+        n = count.clamp(min=1)
+        self.centres.copy_(torch.where(has, (1 - m) * self.centres + m * sums / n, self.centres))
+        self.variances.copy_(torch.where(has, (1 - m) * self.variances + m * sq / n, self.variances))
+        if rho_stats[1] > 0:
+            self.tau.mul_(1 - m).add_(m * rho_stats[0] / rho_stats[1])
+
+
+class SlimRouter(nn.Module):
+    """Router of one mixture site: logits, weight yielding against the sliding clusters, top-K.
+
+    `route(h, mask)` returns (expert ids T x K, weights T x K); ids >= num_lora_experts are identity experts.
+    It also accumulates routing statistics (weight per expert over valid tokens) on the device.
+    """
+
+    def __init__(self, in_features: int, cfg: SlimConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_lora = cfg.num_lora_experts
+        num_experts = cfg.num_lora_experts + cfg.num_identity_experts
+        self.router = LinearRouter(in_features, num_experts, cfg.router_init_std, device=device)
+        self.clusters = SlidingClusters(cfg.num_clusters, in_features, cfg.cluster_momentum, device=device)
+        self.register_buffer("stat_weight", torch.zeros(num_experts, device=device), persistent=False)
+        self.register_buffer("stat_tokens", torch.zeros((), device=device), persistent=False)
+        self.forced: torch.Tensor | None = None  # E weights given to every token (analysis and tests)
+        self.current: tuple[torch.Tensor, torch.Tensor] | None = None  # last routing (block mode)
+        self.last_logits: torch.Tensor | None = None
+
+    def distance(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """d(h) (method.md item 4), after moving the clusters when training."""
+        clusters = self.clusters
+        if self.training and not clusters.ready():
+            clusters.initialize(h.detach(), w)
+        if not clusters.ready():
+            return h.new_zeros(h.shape[0])
+        with torch.no_grad():
+            k = clusters.nearest(h)
+            rho = clusters.rho(h, k)
+            if self.training:
+                clusters.update(h, w, k, rho)
+        d = rho / clusters.tau - 1 if self.cfg.distance == "calibrated" else rho - 1
+        return d.clamp(min=0) if self.cfg.yield_clamp else d
+
+    def route(self, h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = h.reshape(-1, h.shape[-1]).float()
+        w = mask.float() if mask is not None else h.new_ones(h.shape[0])
+        if self.forced is not None:
+            E = self.forced.numel()
+            idx = torch.arange(E, device=h.device).expand(h.shape[0], E)
+            weights = self.forced.to(h.device).expand(h.shape[0], E)
+            self.last_logits = None
+        else:
+            logits = self.router(h)
+            if self.cfg.yield_strength > 0:
+                d = self.distance(h.detach(), w)
+                yielding = torch.zeros_like(logits)
+                yielding[:, :self.num_lora] = self.cfg.yield_strength * d[:, None]
+                logits = logits - yielding  # z_i <- z_i - gamma d for LoRA experts (eq. 9, reconstructed)
+            self.last_logits = logits
+            idx, weights = top_k_routing(logits, self.cfg.top_k)
+        with torch.no_grad():
+            per_expert = torch.zeros_like(self.stat_weight).index_add_(
+                0, idx.reshape(-1), (weights * w[:, None]).reshape(-1))
+            self.stat_weight += per_expert
+            self.stat_tokens += w.sum()
+        return idx, weights
+
+    def stats(self) -> dict:
+        tokens = float(self.stat_tokens)
+        load = (self.stat_weight / max(tokens, 1.0)).tolist()
+        return {"tokens": int(tokens), "identity_share": float(sum(load[self.num_lora:])), "expert_load": load}
+
+    def reset_stats(self) -> None:
+        self.stat_weight.zero_()
+        self.stat_tokens.zero_()
+
+
+class SlimLinear(nn.Module):
+    """A frozen linear plus SLIM's mixture of LoRA and identity experts.
+
+    y = W x + b + s sum_{i selected, i < N_L} w_i B_i' A_i' dropout(x), with B_i', A_i' the masked factors of
+    dynamic merging (the identity experts' weight w_i multiplies a zero update and is skipped).
+    """
+
+    def __init__(self, base_layer: nn.Linear, cfg: SlimConfig, ctx: ForwardContext, name: str,
+                 router: SlimRouter | None = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.cfg = cfg
+        self.ctx = ctx
+        self.scaling = cfg.scaling
+        device = base_layer.weight.device
+        self.lora_dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        self.experts = LoraExpertBank(cfg.num_lora_experts, base_layer.in_features, base_layer.out_features,
+                                      cfg.r, device=device)
+        if router is None:  # routing="linear": a router of its own, on its own input
+            self.slim_router = SlimRouter(base_layer.in_features, cfg, device=device)
+        self._shared_router = [router]  # a list, so the shared router is not registered twice
+        self.mask_seed = cfg.merge_seed * 1_000_003 + zlib.crc32(name.encode())
+        self._fixed_masks: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def router(self) -> SlimRouter:
+        return self._shared_router[0] or self.slim_router
+
+    def _draw_masks(self, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+        """Fresh masks from `generator`, or from the device's global RNG (training: restored on resume)."""
+        cfg, A = self.cfg, self.experts.lora_A
+        E, _, d_in = A.shape
+        d_out = self.experts.lora_B.shape[1]
+        if cfg.merge_form == "exact":
+            return (drop_rescale_mask((E, d_out, d_in), cfg.mask_ratio, cfg.rescale, generator, A.device),)
+        return factor_masks(E, d_in, d_out, cfg.mask_ratio, cfg.rescale, generator, A.device)
+
+    def masks(self) -> tuple[torch.Tensor, ...] | None:
+        """Dynamic-merging masks for this forward: new in training, per `eval_mask` in eval (item 7)."""
+        cfg = self.cfg
+        if cfg.mask_ratio == 0 or (not self.training and cfg.eval_mask == "none"):
+            return None
+        if self.training or cfg.eval_mask == "resample":
+            return self._draw_masks(None)
+        if self._fixed_masks is None or self._fixed_masks[0].device != self.experts.lora_A.device:
+            self._fixed_masks = self._draw_masks(torch.Generator().manual_seed(self.mask_seed))
+        return self._fixed_masks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        xt = x.reshape(-1, x.shape[-1])
+        router = self.router
+        if self._shared_router[0] is None:
+            router.current = router.route(xt.detach(), self.ctx.flat_mask(xt.shape[0]))
+        idx, weights = router.current
+        x_drop = self.lora_dropout(xt.to(self.experts.lora_A.dtype))
+        A, B = self.experts.lora_A, self.experts.lora_B
+        masks = self.masks()
+        if masks is not None and len(masks) == 1:  # exact DARE form
+            gates = dense_gates(idx, weights, A.shape[0])
+            delta = exact_dare_mixture(x_drop, A, B, gates, masks[0])
+        else:
+            if masks is not None:
+                A, B = masked_factors(A, B, *masks)
+            delta = mix_experts(x_drop, A, B, idx, weights, self.cfg.dispatch)
+        return result + (self.scaling * delta).view(*x.shape[:-1], -1).to(result.dtype)
+
+
+def _route_block(router: SlimRouter, ctx: ForwardContext):
+    def hook(module: nn.Module, args: tuple) -> None:
+        h = args[0]
+        router.current = router.route(h.detach(), ctx.flat_mask(h.reshape(-1, h.shape[-1]).shape[0]))
+    return hook
+
+
+def inject_slim(model: nn.Module, cfg: AdapterConfig, ctx: ForwardContext) -> None:
+    """Replace each target linear with a SlimLinear; with routing="block", FFN projections of one decoder
+    layer share one router registered on their parent module as `slim_router` (a forward pre-hook routes
+    the FFN input before the projections run)."""
+    assert isinstance(cfg, SlimConfig)
+    hidden = model.config.hidden_size
+    for name in find_targets(model, cfg.target_modules):
+        base = model.get_submodule(name)
+        parent_name, _, short = name.rpartition(".")
+        router = None
+        if cfg.routing == "block" and short in FFN_PROJ:
+            parent = model.get_submodule(parent_name)
+            if not hasattr(parent, "slim_router"):
+                parent.slim_router = SlimRouter(hidden, cfg, device=base.weight.device)
+                parent.register_forward_pre_hook(_route_block(parent.slim_router, ctx))
+            router = parent.slim_router
+        set_module(model, name, SlimLinear(base, cfg, ctx, name, router))
+
+
+def routers(model: nn.Module) -> dict[str, SlimRouter]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SlimRouter)}
+
+
+def slim_aux_losses(model: nn.Module, cfg: AdapterConfig, ctx: ForwardContext
+                    ) -> dict[str, tuple[torch.Tensor, float]]:
+    """L1 (item 8): sum over sites, projections and LoRA experts of mean|B| + mean|A|; optional balancing."""
+    assert isinstance(cfg, SlimConfig)
+    banks = [m for m in model.modules() if isinstance(m, LoraExpertBank)]
+    l1 = sum(b.lora_A.abs().mean(dim=(1, 2)).sum() + b.lora_B.abs().mean(dim=(1, 2)).sum() for b in banks)
+    out = {"l1": (l1, cfg.l1_weight)}
+    if cfg.balance_loss_weight > 0:
+        losses = []
+        for r in routers(model).values():
+            if r.last_logits is not None and r.current is not None:
+                mask = ctx.flat_mask(r.last_logits.shape[0])
+                losses.append(switch_balance_loss(r.last_logits, r.current[0], r.last_logits.shape[1], mask))
+        if losses:
+            out["balance"] = (torch.stack(losses).mean(), cfg.balance_loss_weight)
+    return out
+
+
+SLIM_METHOD = Method(
+    peft_type="SLIM",
+    inject=inject_slim,
+    aux_losses=slim_aux_losses,
+    merge_refusal=("SLIM routes every token to its own mix of LoRA and identity experts, so its update "
+                   "depends on the input and cannot be folded into the base weights; run the AdapterModel "
+                   "for inference (or route everything to one expert and merge that expert by hand)."),
+)
