@@ -65,6 +65,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 REPORTERS = ("jsonl", "tensorboard")
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+FINAL_STATE_FILE = "final_state.json"
 MODEL_STATE_FILE = "model_state.safetensors"
 
 
@@ -367,8 +368,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments,
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters and every persistent buffer (cluster states, EMA weights, ...), by state-dict
-    name: what a checkpoint must hold to continue exactly. The frozen base weights are left out."""
+    """Trainable parameters and every persistent buffer (cluster states, EMA weights, ...): what a
+    checkpoint must hold to continue exactly. The frozen base weights are left out. Uses the model's own
+    ``adapter_state_dict`` when it has one."""
+    if hasattr(model, "adapter_state_dict"):
+        return {k: v.detach().cpu().contiguous().clone() for k, v in model.adapter_state_dict().items()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n for n, _ in model.named_buffers()}
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
@@ -376,6 +380,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`adapter_state_dict` (the model's own loader when it has one)."""
+    if hasattr(model, "load_adapter_state_dict"):
+        try:
+            model.load_adapter_state_dict(state, source="checkpoint")
+        except ValueError as e:
+            raise ResumeError(str(e)) from e
+        return
     own = model.state_dict()
     missing = sorted(set(adapter_state_dict(model)) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -432,10 +443,16 @@ class Trainer:
 
     def _make_accelerator(self) -> Any:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs
 
+        mixed = "bf16" if self.args.bf16 else "no"
+        if AcceleratorState._shared_state:
+            st = AcceleratorState()
+            if st.distributed_type == "NO" and str(st.mixed_precision) != mixed:
+                AcceleratorState._reset_state()  # one process, another precision: a fresh state is allowed
         find_unused = _unwrapped_method(self.model) in MIXTURE_METHODS
-        return Accelerator(mixed_precision="bf16" if self.args.bf16 else "no",
+        return Accelerator(mixed_precision=mixed,
                            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
 
     def fingerprint_config(self) -> dict[str, Any]:
@@ -461,9 +478,14 @@ class Trainer:
         args = self.args
         acc = self._make_accelerator()
         self.accelerator = acc
-        configure_threads(args.torch_num_threads, acc.state.local_process_index * 0 + _local_world_size())
-        resume = args.resume_from_checkpoint
-        with staged_output_dir(args.output_dir, args.overwrite_output_dir, resume=bool(resume),
+        configure_threads(args.torch_num_threads, _local_world_size())
+        self.checkpoint = None
+        in_place = False
+        if args.resume_from_checkpoint:
+            self.checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+            out_dir = Path(args.output_dir).resolve()
+            in_place = out_dir in self.checkpoint.resolve().parents or not _is_nonempty_dir(out_dir)
+        with staged_output_dir(args.output_dir, args.overwrite_output_dir, resume=in_place,
                                is_main=acc.is_main_process) as run_dir:
             acc.wait_for_everyone()
             self.run_dir = run_dir
@@ -501,8 +523,8 @@ class Trainer:
         scheduler = build_scheduler(optimizer, args, total_steps)
         wrapped, optimizer = acc.prepare(model, optimizer)
 
-        if args.resume_from_checkpoint:
-            ckpt = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        if self.checkpoint is not None:
+            ckpt = self.checkpoint
             state = self._load_checkpoint(ckpt, state, wrapped, optimizer, scheduler)
             acc.print(f"resumed from {ckpt} at step {state.global_step}/{total_steps}")
         else:
@@ -522,13 +544,15 @@ class Trainer:
         last_loss = float("nan")
         try:
             while state.global_step < total_steps:
-                step_loss, aux, tokens = self._optimizer_step(wrapped, unwrapped, optimizer, scheduler, order)
+                step_loss, aux, tokens, grad_norm = self._optimizer_step(wrapped, unwrapped, optimizer, scheduler,
+                                                                          order)
                 state.global_step += 1
                 state.tokens_seen += tokens
                 last_loss = step_loss
                 window["loss"] += step_loss
                 window["steps"] += 1
                 window["tokens"] += tokens
+                window["grad_norm"] += grad_norm
                 for k, v in aux.items():
                     window[f"aux/{k}"] += v
                 if args.logging_steps and (state.global_step % args.logging_steps == 0
@@ -547,17 +571,18 @@ class Trainer:
                     self._save_checkpoint(run_dir, state, wrapped, optimizer, scheduler)
                 for cb in self.callbacks:
                     cb(self)
-            final_metrics = {}
-            if args.eval_steps and state.global_step % args.eval_steps != 0:
+            final_metrics: dict[str, Any] = {}
+            if args.eval_steps or self.eval_dataset:
                 final_metrics = self._evaluate(unwrapped, state.global_step)
-                logger.log(final_metrics)
+                if not (args.eval_steps and state.global_step % args.eval_steps == 0):
+                    logger.log(final_metrics)
             self._save_final(run_dir, unwrapped, state)
         finally:
             bar.close()
             logger.close()
         return TrainOutput(global_step=state.global_step, final_loss=last_loss, run_dir=str(run_dir),
                            adapter_dir=str(run_dir / "adapter"),
-                           metrics={k: v for k, v in final_metrics.items() if isinstance(v, float)})
+                           metrics={k: v for k, v in final_metrics.items() if k != "step"})
 
     # -- one optimizer step
 
@@ -574,7 +599,7 @@ class Trainer:
         return {k: v.to(acc.device) for k, v in batch.items()}
 
     def _optimizer_step(self, wrapped: nn.Module, unwrapped: nn.Module, optimizer: Any, scheduler: Any,
-                        order: SeededBatchOrder) -> tuple[float, dict[str, float], int]:
+                        order: SeededBatchOrder) -> tuple[float, dict[str, float], int, float]:
         args, acc = self.args, self.accelerator
         accum = args.gradient_accumulation_steps
         loss_sum = 0.0
@@ -594,15 +619,19 @@ class Trainer:
             if hasattr(unwrapped, "aux_losses"):
                 for k, v in unwrapped.aux_losses().items():
                     aux_sum[k] += float(v.detach()) if torch.is_tensor(v) else float(v)
+        params = _trainable_parameters(unwrapped)
         if args.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(_trainable_parameters(unwrapped), args.max_grad_norm)
-            self._check_finite(torch.as_tensor(grad_norm).detach().float(), "gradient norm")
+            norm = acc.clip_grad_norm_(params, args.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = torch.as_tensor(norm).detach().float()
+        self._check_finite(norm, "gradient norm")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if hasattr(unwrapped, "after_optimizer_step"):
             unwrapped.after_optimizer_step()
-        return loss_sum / accum, {k: v / accum for k, v in aux_sum.items()}, tokens
+        return loss_sum / accum, {k: v / accum for k, v in aux_sum.items()}, tokens, float(norm)
 
     def _check_finite(self, value: torch.Tensor, what: str) -> None:
         bad = torch.tensor([0.0 if bool(torch.isfinite(value).all()) else 1.0], device=self.accelerator.device)
@@ -746,7 +775,7 @@ class Trainer:
             if hasattr(unwrapped, "routing_stats"):
                 _write_json(tmp / "routing_stats_train.json", unwrapped.routing_stats())
             _replace_dir(tmp, adapter_dir)
-            _write_json(run_dir / STATE_FILE, dataclasses.asdict(state))
+            _write_json(run_dir / FINAL_STATE_FILE, dataclasses.asdict(state))
         acc.wait_for_everyone()
 
 
