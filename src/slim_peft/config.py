@@ -182,6 +182,7 @@ class MolaConfig(AdapterConfig):
     experts_per_layer: list[int] | str = "2,4,6,8"  # group sizes over equal layer groups, or one per layer
     top_k: int = 2
     router_aux_loss_coef: float = 0.0  # official code: off; 0.001 when on
+    router_init: str = "kaiming"  # "kaiming" (official code, MoE-PEFT) or "normal": N(0, router_init_std)
     router_init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -196,6 +197,8 @@ class MolaConfig(AdapterConfig):
                f"experts_per_layer must be positive integers, got {self.experts_per_layer}")
         _check(1 <= self.top_k <= min(self.experts_per_layer),
                f"top_k={self.top_k} must be between 1 and the smallest expert count {min(self.experts_per_layer)}")
+        _check(self.router_init in ("kaiming", "normal"),
+               f"router_init must be 'kaiming' or 'normal', got {self.router_init!r}")
 
 
 @dataclass
@@ -209,6 +212,7 @@ class ILoraConfig(AdapterConfig):
     replay_capacity: int = 500
     consistency_weight: float = 1.0
     eval_with: str = "slow"  # "slow" (paper) or "fast"
+    replay_from: str = "seen"  # "seen": examples of any earlier step; "previous_tasks": paper
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -216,6 +220,8 @@ class ILoraConfig(AdapterConfig):
         _check(self.replay_capacity >= 1, f"replay_capacity must be >= 1, got {self.replay_capacity}")
         _check(self.consistency_weight >= 0, "consistency_weight must be >= 0")
         _check(self.eval_with in ("slow", "fast"), f"eval_with must be 'slow' or 'fast', got {self.eval_with!r}")
+        _check(self.replay_from in ("seen", "previous_tasks"),
+               f"replay_from must be 'seen' or 'previous_tasks', got {self.replay_from!r}")
 
 
 CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {

@@ -3,8 +3,7 @@ collator that carries each example's ``sample_type``, and a seeded batch order w
 and restored exactly (epoch, batch index).
 
 Training text (tasks' letter format): ``chat_prompt(tok, letter_prompt(ex)) + letter_target(ex) + <end of
-turn>``; the prompt is tokenised on its own, as at inference, and only the target and end-of-turn tokens
-carry labels (everything else is ``IGNORE_INDEX``).
+turn>``; only the target and end-of-turn tokens carry labels (everything else is ``IGNORE_INDEX``).
 """
 
 from __future__ import annotations
@@ -74,17 +73,21 @@ def end_of_turn_text(tokenizer: Any) -> str:
     return eos
 
 
-def encode_prompt_target(tokenizer: Any, prompt: str, target: str, *, max_seq_length: int,
-                         sample_type: int = 1, end_text: str | None = None) -> tuple[TokenizedExample, bool]:
-    """Tokenise ``prompt`` and ``target + end_text`` separately (as at inference) and label only the target.
+def encode_example(tokenizer: Any, prompt: str, target: str, *, max_seq_length: int, sample_type: int = 1,
+                   end_text: str | None = None) -> tuple[TokenizedExample, bool]:
+    """Tokenise ``prompt + target + end_text`` and label only ``target + end_text``.
 
-    Too-long sequences lose prompt tokens from the left (the question and options sit at the end of the
-    prompt). Returns the example and whether it was truncated.
+    The split follows ``slim_peft.tasks.encode_prompt_target`` (the whole text encoded, split after the
+    prompt's own token count), the tokenisation the letter evaluator scores, so training and evaluation see
+    the same answer tokens. Too-long sequences lose prompt tokens from the left (the question and options
+    sit at the end of the prompt). Returns the example and whether it was truncated.
     """
+    from slim_peft.tasks import encode_prompt_target
+
     if end_text is None:
         end_text = end_of_turn_text(tokenizer)
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    target_ids = list(tokenizer(target + end_text, add_special_tokens=False)["input_ids"])
+    prompt_ids, target_ids = encode_prompt_target(tokenizer, prompt, target + end_text)
+    prompt_ids, target_ids = list(prompt_ids), list(target_ids)
     if not target_ids:
         raise DataError(f"target {target!r} tokenises to nothing")
     if len(target_ids) >= max_seq_length:
@@ -114,10 +117,9 @@ def build_task_examples(tokenizer: Any, task_names: Sequence[str], *, split: str
             raise DataError(f"task {name!r} has no {split!r} examples")
         sample_type = int(getattr(task, "sample_type", 1))
         for ex in examples:
-            prompt = tasks_mod.chat_prompt(tokenizer, task.letter_prompt(ex))
-            enc, cut = encode_prompt_target(tokenizer, prompt, task.letter_target(ex),
-                                            max_seq_length=max_seq_length, sample_type=sample_type,
-                                            end_text=end_text)
+            prompt = tasks_mod.chat_prompt(tokenizer, tasks_mod.letter_prompt(ex))
+            enc, cut = encode_example(tokenizer, prompt, tasks_mod.letter_target(ex),
+                                      max_seq_length=max_seq_length, sample_type=sample_type, end_text=end_text)
             out.append(enc)
             truncated += int(cut)
         counts[name] = len(examples)

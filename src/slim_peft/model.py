@@ -25,6 +25,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import AdapterConfig, config_from_dict
 from .layers.base import ForwardContext, Method, find_targets
 from .layers.lora import DORA_METHOD, LORA_METHOD
+from .layers.loramoe import LORAMOE_METHOD
+from .layers.mixlora import MIXLORA_METHOD
+from .layers.mola import MOLA_METHOD
 from .layers.slim import SLIM_METHOD, routers
 
 PREFIX = "base_model.model."
@@ -37,7 +40,10 @@ METHODS: dict[str, Method] = {
     "lora": LORA_METHOD,
     "dora": DORA_METHOD,
     "slim": SLIM_METHOD,
-}
+    "mixlora": MIXLORA_METHOD,
+    "loramoe": LORAMOE_METHOD,
+    "mola": MOLA_METHOD,
+}  # + "ilora", registered at the end of this file (continual.py subclasses AdapterModel)
 
 
 class AdapterError(ValueError):
@@ -146,7 +152,8 @@ class AdapterModel(nn.Module):
     def routing_stats(self) -> dict[str, Any]:
         """Per routed site: tokens seen, share of routing weight on identity experts, load per expert,
         accumulated since the last `reset_routing_stats()`; plus the mean identity share."""
-        sites = {name: r.stats() for name, r in routers(self.base_model).items()}
+        sites = {name: m.stats() for name, m in self.base_model.named_modules()
+                 if hasattr(m, "stats") and hasattr(m, "reset_stats")}  # every method's routers
         sites.update(getattr(self, "_extra_routing_stats", lambda: {})())
         shares = [s["identity_share"] for s in sites.values() if "identity_share" in s]
         return {"sites": sites, "mean_identity_share": sum(shares) / len(shares) if shares else None}
@@ -303,3 +310,8 @@ def selected_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         return model(input_ids=input_ids, attention_mask=attention_mask, logits_mask=positions).logits
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return model.get_output_embeddings()(hidden[positions.bool()]).float()
+
+
+from .continual import ILORA_METHOD  # noqa: E402  (continual.py imports AdapterModel from here)
+
+METHODS["ilora"] = ILORA_METHOD

@@ -4,10 +4,16 @@ Single process::
 
     slim-peft train --config examples/slim.yaml
 
-Several processes (DDP; on CPU the gloo backend)::
+Several processes (DDP; NCCL on GPUs, gloo on CPUs)::
 
-    accelerate launch --num_processes 2 --cpu -m slim_peft.cli train --config examples/slim.yaml
     accelerate launch --multi_gpu --num_processes 8 -m slim_peft.cli train --config examples/slim.yaml
+    accelerate launch --multi_gpu --num_processes 2 -m slim_peft.cli train ...   # CPU-only machine: gloo
+    torchrun --nproc_per_node 2 -m slim_peft.cli train ...                       # the same, without accelerate
+
+On a CPU-only machine the trainer builds its ``Accelerator(cpu=True)``, so the processes that ``--multi_gpu``
+(or torchrun) starts form a gloo group. Note: ``accelerate launch --cpu --num_processes 2`` starts ONE
+process in accelerate 1.x (its CPU path is the "simple" launcher; several CPU processes need ``mpirun``
+via ``--mpirun_hostfile``), so it does not give DDP.
 
 The global batch is ``per_device_train_batch_size x processes x gradient_accumulation_steps``; every process
 walks the same seeded order of global micro-batches and takes its own slice, so a run with N processes
@@ -174,6 +180,7 @@ class TrainerState:
     batch_in_epoch: int = 0  # index of the next global micro-batch within that epoch
     tokens_seen: int = 0
     total_steps: int = 0
+    num_processes: int = 1
     config_hash: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     last_checkpoint: str | None = None
@@ -452,7 +459,10 @@ class Trainer:
             if st.distributed_type == "NO" and str(st.mixed_precision) != mixed:
                 AcceleratorState._reset_state()  # one process, another precision: a fresh state is allowed
         find_unused = _unwrapped_method(self.model) in MIXTURE_METHODS
-        return Accelerator(mixed_precision=mixed,
+        has_accel = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+        # cpu=True on a machine without an accelerator: processes started by torchrun or `accelerate launch
+        # --multi_gpu` then form a MULTI_CPU (gloo) group instead of each running alone
+        return Accelerator(mixed_precision=mixed, cpu=not has_accel,
                            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)])
 
     def fingerprint_config(self) -> dict[str, Any]:
@@ -512,7 +522,8 @@ class Trainer:
                                  args.per_device_train_batch_size * world, args.seed, args.group_by_length)
         total_steps = self._total_steps(order)
         fp_config = self.fingerprint_config()
-        state = TrainerState(total_steps=total_steps, config_hash=config_hash(fp_config), config=fp_config)
+        state = TrainerState(total_steps=total_steps, num_processes=world, config_hash=config_hash(fp_config),
+                             config=fp_config)
 
         model = self.model
         if args.gradient_checkpointing:
@@ -756,6 +767,7 @@ class Trainer:
         set_rng_state(torch.load(rng_file, weights_only=False))
         state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
         state.last_checkpoint = str(ckpt)
+        state.num_processes = acc.num_processes
         return state
 
     def _save_final(self, run_dir: Path, unwrapped: nn.Module, state: TrainerState) -> None:

@@ -64,7 +64,7 @@ def read_jsonl_rows(path: str | Path) -> list[dict[str, Any]]:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
+            where = f"{path}, line {lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

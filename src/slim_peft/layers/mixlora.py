@@ -1,0 +1,227 @@
+"""MixLoRA (Li et al. 2024, arXiv 2404.15159) and MixLoRA-Dynamic (top-p routing, TUDB-Labs MoE-PEFT), as
+method.md "MixLoRA" specifies.
+
+Experts live at the FFN level and share the frozen FFN: expert e is the FFN with its own LoRA on gate, up and
+down (method_reference.md 5.1),
+
+    E_e(h) = (W_down + s B^d_e A^d_e) [ act((W_gate + s B^g_e A^g_e) h) * ((W_up + s B^u_e A^u_e) h) ]
+    FFN(h) = sum_{e in S(h)} w_e E_e(h)
+
+Router: z = R h on the FFN input (fp32, no bias, init N(0, 0.02)), p = softmax(z). MixLoRA: S = top-k of p
+and w = p_S / sum p_S (renormalised; `top_k_routing` softmaxes the kept logits, which is the same).
+MixLoRA-Dynamic (`top_p` set): S = the smallest prefix of experts sorted by p whose mass reaches top_p (the
+crossing expert kept), w = p_S not renormalised (as MoE-PEFT). The attention projections get one plain
+LoRA each (`LoraLinear`).
+
+Computation (MoE-PEFT's efficient form): W_gate h and W_up h are computed once per token and shared by all
+experts; each (token, selected expert) pair then adds its expert's LoRA deltas (gathered through the stacked
+`LoraExpertBank` and `mix_experts`, dense or grouped by expert, never a Python loop over tokens), and runs the
+down projection on its own input, since that input differs per expert. Outputs are summed per token with w.
+
+Load balancing (MixLoRA 3.3, Switch/Mixtral form): the router logits of all layers are concatenated and
+L_aux = E * sum_{slot, e} F[slot, e] P[e] over valid tokens (padding excluded), added with weight
+`router_aux_loss_coef` (0.01, paper/README; the code default is 0.001). For MixLoRA-Dynamic F counts every
+kept expert. Not implemented: MixLoRA's `jitter_noise` (default 0 in its code).
+
+Saved keys (stable; PEFT's prefix `base_model.model.` then the module path), per decoder layer i:
+    model.layers.{i}.mlp.router.weight                     E x hidden          (fp32)
+    model.layers.{i}.mlp.{gate,up,down}_proj.experts.lora_A   E x r x d_in
+    model.layers.{i}.mlp.{gate,up,down}_proj.experts.lora_B   E x d_out x r
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight  (plain LoRA, as PEFT)
+The frozen projections stay at `mlp.{gate,up,down}_proj.base_layer` (not saved).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import FFN_PROJ, AdapterConfig, MixLoraConfig
+from .base import ForwardContext, Method, TargetModuleError, find_targets, kaiming_uniform_, set_module
+from .experts import LoraExpertBank, mix_experts
+from .lora import LoraLinear
+from .routing import LinearRouter, switch_balance_loss, top_k_routing, top_p_routing
+
+
+class StatsRouter(LinearRouter):
+    """A `LinearRouter` (z = R h, fp32, no bias) that also accumulates routing statistics on the device.
+
+    `init="normal"`: N(0, init_std) (MixLoRA, MoE-PEFT); `init="kaiming"`: nn.Linear's Kaiming-uniform
+    (LoRAMoE and MoLA official code). `stats()` / `reset_stats()` are what `AdapterModel.routing_stats`
+    discovers. Shared by the MixLoRA, LoRAMoE and MoLA layers.
+    """
+
+    def __init__(self, in_features: int, num_experts: int, init: str = "normal", init_std: float = 0.02,
+                 device: torch.device | None = None) -> None:
+        super().__init__(in_features, num_experts, init_std, device=device)
+        if init == "kaiming":
+            kaiming_uniform_(self.weight.data)
+        self.register_buffer("stat_weight", torch.zeros(num_experts, device=device), persistent=False)
+        self.register_buffer("stat_active", torch.zeros((), device=device), persistent=False)
+        self.register_buffer("stat_tokens", torch.zeros((), device=device), persistent=False)
+
+    @torch.no_grad()
+    def record(self, expert_idx: torch.Tensor, expert_w: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Add one forward's routing (ids T x K, weights T x K; weight 0 = not selected) over valid tokens."""
+        w = mask.float() if mask is not None else expert_w.new_ones(expert_w.shape[0])
+        weighted = (expert_w.float() * w[:, None]).reshape(-1)
+        self.stat_weight.index_add_(0, expert_idx.reshape(-1), weighted)
+        self.stat_active += ((expert_w > 0).float().sum(-1) * w).sum()
+        self.stat_tokens += w.sum()
+
+    def stats(self) -> dict:
+        """Tokens seen, mean routing weight per expert, mean number of experts with weight > 0 per token."""
+        tokens = max(float(self.stat_tokens), 1.0)
+        return {"tokens": int(self.stat_tokens), "expert_load": (self.stat_weight / tokens).tolist(),
+                "mean_active_experts": float(self.stat_active) / tokens}
+
+    def reset_stats(self) -> None:
+        self.stat_weight.zero_()
+        self.stat_active.zero_()
+        self.stat_tokens.zero_()
+
+
+class ExpertProjection(nn.Module):
+    """One FFN projection of the MixLoRA experts: the frozen linear (`base_layer`), shared by every expert,
+    and a stacked bank of per-expert LoRA factors (`experts.lora_A` E x r x d_in, `experts.lora_B`
+    E x d_out x r, adapters in fp32)."""
+
+    def __init__(self, base_layer: nn.Linear, num_experts: int, r: int, lora_alpha: float,
+                 lora_dropout: float) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.scaling = lora_alpha / r
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.experts = LoraExpertBank(num_experts, base_layer.in_features, base_layer.out_features, r,
+                                      device=base_layer.weight.device)
+
+    def delta(self, x: torch.Tensor, expert: torch.Tensor, dispatch: str = "auto") -> torch.Tensor:
+        """s B_e A_e dropout(x_p) for each pair p: x (P x d_in), expert (P) -> P x d_out, fp32."""
+        x = self.lora_dropout(x.to(self.experts.lora_A.dtype))
+        ones = x.new_ones(x.shape[0], 1)
+        return self.scaling * mix_experts(x, self.experts.lora_A, self.experts.lora_B, expert[:, None], ones,
+                                          dispatch)
+
+
+def _base(proj: nn.Module) -> nn.Module:
+    return proj.base_layer if isinstance(proj, ExpertProjection) else proj
+
+
+def _plus_delta(y: torch.Tensor, proj: nn.Module, x: torch.Tensor, expert: torch.Tensor, dispatch: str
+                ) -> torch.Tensor:
+    """y + the pair's expert LoRA delta when this projection is adapted (else the base output alone)."""
+    if not isinstance(proj, ExpertProjection):
+        return y
+    return y + proj.delta(x, expert, dispatch).to(y.dtype)
+
+
+def select_experts(logits: torch.Tensor, top_k: int, top_p: float | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids T x K, weights T x K): top-k renormalised (MixLoRA) or top-p unrenormalised (MixLoRA-Dynamic,
+    K = E, weight 0 for dropped experts)."""
+    if top_p is not None:
+        return top_p_routing(logits, top_p)
+    return top_k_routing(logits, top_k)
+
+
+class MixLoraFFN(nn.Module):
+    """A decoder layer's FFN replaced by MixLoRA's mixture of FFN experts (module docstring for the maths).
+
+    `gate_proj`, `up_proj` and `down_proj` keep the original names; adapted ones become `ExpertProjection`
+    (frozen `base_layer` + per-expert LoRA bank), the others stay the frozen linear that every expert uses.
+    """
+
+    def __init__(self, mlp: nn.Module, cfg: MixLoraConfig, ctx: ForwardContext, adapted: set[str]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx
+        self.act_fn = mlp.act_fn
+        for name in FFN_PROJ:
+            base = getattr(mlp, name)
+            proj = ExpertProjection(base, cfg.num_experts, cfg.r, cfg.lora_alpha, cfg.lora_dropout) \
+                if name in adapted else base
+            setattr(self, name, proj)
+        base_gate = _base(self.gate_proj)
+        self.router = StatsRouter(base_gate.in_features, cfg.num_experts, "normal", cfg.router_init_std,
+                                  device=base_gate.weight.device)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        shape = h.shape
+        x = h.reshape(-1, shape[-1])
+        T = x.shape[0]
+        mask = self.ctx.flat_mask(T)
+        logits = self.router(x)  # T x E, fp32
+        self.ctx.router_logits.append(logits)
+        self.ctx.router_masks.append(mask)
+        idx, weights = select_experts(logits, self.cfg.top_k, self.cfg.top_p)
+        self.router.record(idx, weights, mask)
+        # (token, expert) pairs with a non-zero weight; top-k keeps them all, top-p drops the zero weights
+        token = torch.arange(T, device=x.device).repeat_interleave(idx.shape[1])
+        expert, w = idx.reshape(-1), weights.reshape(-1)
+        if self.cfg.top_p is not None:
+            keep = w > 0
+            token, expert, w = token[keep], expert[keep], w[keep]
+        dispatch = self.cfg.dispatch
+        gate_all = _base(self.gate_proj)(x)  # W_gate h and W_up h once for all experts (shared)
+        up_all = _base(self.up_proj)(x)
+        xp = x[token]
+        gate = _plus_delta(gate_all[token], self.gate_proj, xp, expert, dispatch)
+        up = _plus_delta(up_all[token], self.up_proj, xp, expert, dispatch)
+        act = self.act_fn(gate) * up  # P x d_ffn: each expert's own input to its down projection
+        y = _plus_delta(_base(self.down_proj)(act), self.down_proj, act, expert, dispatch)
+        out = torch.zeros_like(x).index_add_(0, token, y * w[:, None].to(y.dtype))
+        return out.view(shape)
+
+
+def inject_mixlora(model: nn.Module, cfg: AdapterConfig, ctx: ForwardContext) -> None:
+    """FFN projections among the targets -> one MixLoraFFN per decoder FFN (replacing its `mlp` module);
+    other targets (the attention projections) -> plain LoRA."""
+    assert isinstance(cfg, MixLoraConfig)
+    ffn: dict[str, set[str]] = {}
+    for name in find_targets(model, cfg.target_modules):
+        parent, _, short = name.rpartition(".")
+        if short in FFN_PROJ:
+            ffn.setdefault(parent, set()).add(short)
+        else:
+            lora = LoraLinear(model.get_submodule(name), cfg.r, cfg.lora_alpha, cfg.lora_dropout)
+            set_module(model, name, lora)
+    for parent, adapted in ffn.items():
+        mlp = model.get_submodule(parent)
+        gated = all(isinstance(getattr(mlp, n, None), nn.Linear) for n in FFN_PROJ) and hasattr(mlp, "act_fn")
+        if not gated:
+            raise TargetModuleError(f"MixLoRA needs a gated FFN with gate_proj, up_proj, down_proj and "
+                                    f"act_fn (Llama, Qwen2, Mistral); {parent} is a {type(mlp).__name__}")
+        set_module(model, parent, MixLoraFFN(mlp, cfg, ctx, adapted))
+
+
+def mixlora_balance_loss(logits: list[torch.Tensor], masks: list[torch.Tensor | None], num_experts: int,
+                         top_k: int, top_p: float | None = None) -> torch.Tensor:
+    """E * sum_{slot, e} F[slot, e] P[e] over all layers' router logits concatenated (MixLoRA 3.3; MoE-PEFT
+    computes it once over the concatenation, not per layer), padding excluded. For top-p, F counts every
+    kept expert (ids of dropped experts are set to E, which `switch_balance_loss` ignores)."""
+    z = torch.cat(logits)
+    mask = torch.cat([m.reshape(-1).bool() if m is not None else torch.ones(l.shape[0], dtype=torch.bool,
+                                                                            device=l.device)
+                      for l, m in zip(logits, masks, strict=True)])
+    idx, w = select_experts(z, top_k, top_p)
+    idx = torch.where(w > 0, idx, torch.full_like(idx, num_experts))
+    return switch_balance_loss(z, idx, num_experts, mask)
+
+
+def mixlora_aux_losses(model: nn.Module, cfg: AdapterConfig, ctx: ForwardContext
+                       ) -> dict[str, tuple[torch.Tensor, float]]:
+    assert isinstance(cfg, MixLoraConfig)
+    if not ctx.router_logits:
+        return {}
+    loss = mixlora_balance_loss(ctx.router_logits, ctx.router_masks, cfg.num_experts, cfg.top_k, cfg.top_p)
+    return {"balance": (loss, cfg.router_aux_loss_coef)}
+
+
+MIXLORA_METHOD = Method(
+    peft_type="MIXLORA",
+    inject=inject_mixlora,
+    aux_losses=mixlora_aux_losses,
+    merge_refusal=("MixLoRA routes every token to its own top-k (or top-p) FFN experts, so the FFN update "
+                   "depends on the input and cannot be folded into the base weights; run the AdapterModel "
+                   "for inference."),
+)
