@@ -179,33 +179,82 @@ def _supports_custom_masks(model: Any) -> bool:
 
 
 # ============================================================================ the scorer
+@dataclass
+class _Row:
+    """One row of a forward pass: the sequences of one or more questions merged into one token tree."""
+
+    members: list[tuple[int, int, int]]  # (group, first sequence, number of sequences)
+    tree: PackedGroup
+    questions: int
+
+
+def _plan_rows(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Groups per row: the largest remaining group, then the smallest ones while the row stays within
+    ``capacity`` tokens (a group larger than ``capacity`` gets a row of its own)."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    rows, lo, hi = [], 0, len(order) - 1
+    while lo <= hi:
+        row, used = [order[lo]], sizes[order[lo]]
+        lo += 1
+        while lo <= hi and used + sizes[order[hi]] <= capacity:
+            row.append(order[hi])
+            used += sizes[order[hi]]
+            hi -= 1
+        rows.append(row)
+    return rows
+
+
 def score_requests(model: Any, groups: Sequence[Sequence[tuple[list[int], list[int]]]], batch_size: int = 16,
-                   pack: bool = True) -> list[list[float]]:
+                   pack: bool = True, row_tokens: int = 128) -> list[list[float]]:
     """Summed log-probs of each continuation given its context, for groups of token sequences.
 
     ``groups[q]`` holds the (context_ids, continuation_ids) pairs of one question; the result has the same
-    shape. With ``pack`` a group is one row (token tree, shared prefixes once); without, one row per pair.
+    shape. With ``pack``, several questions share a row of about ``row_tokens`` tokens (at least the longest
+    question) as one token tree: common prefixes are computed once, and padding nearly vanishes. Without,
+    one right-padded row per pair, as lm-eval. A forward pass holds at most ``batch_size`` questions (rows
+    when not packing).
     """
     max_len = _max_length(model)
     pack = pack and _supports_custom_masks(model)
-    rows: list[tuple[int, int, PackedGroup]] = []  # (group, first sequence index, packed row)
-    for q, seqs in enumerate(groups):
-        seqs = [_truncate(list(c), list(x), max_len) for c, x in seqs]
-        if pack:
-            rows.append((q, 0, pack_sequences(seqs)))
-        else:
-            rows.extend((q, s, pack_sequences([seq])) for s, seq in enumerate(seqs))
+    seqs_of = [[_truncate(list(c), list(x), max_len) for c, x in seqs] for seqs in groups]
+    rows: list[_Row] = []
+    if pack:
+        sizes = [len(pack_sequences(seqs)) if seqs else 0 for seqs in seqs_of]
+        for members in _plan_rows(sizes, max(row_tokens, max(sizes, default=0))):
+            flat = [seq for q in members for seq in seqs_of[q]]
+            if flat:
+                rows.append(_Row([(q, 0, len(seqs_of[q])) for q in members], pack_sequences(flat), len(members)))
+    else:
+        rows = [_Row([(q, s, 1)], pack_sequences([seq]), 1) for q, seqs in enumerate(seqs_of)
+                for s, seq in enumerate(seqs)]
     out: list[list[float]] = [[0.0] * len(seqs) for seqs in groups]
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][2]))
+    rows.sort(key=lambda r: -len(r.tree))
     device, dtype = _model_device(model), _model_dtype(model)
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = [rows[r] for r in order[start:start + batch_size]]
-            sums = _score_batch(model, [b[2] for b in batch], pack, device, dtype)
-            for (q, first, _), row_sums in zip(batch, sums):
-                for s, value in enumerate(row_sums):
-                    out[q][first + s] = value
+        for batch in _batches(rows, batch_size):
+            sums = _score_batch(model, [r.tree for r in batch], pack, device, dtype)
+            for row, row_sums in zip(batch, sums):
+                k = 0
+                for q, first, n in row.members:
+                    out[q][first:first + n] = row_sums[k:k + n]
+                    k += n
     return out
+
+
+def _batches(rows: list[_Row], max_questions: int) -> list[list[_Row]]:
+    """Consecutive rows, at most ``max_questions`` questions per batch (at least one row)."""
+    batches: list[list[_Row]] = []
+    current: list[_Row] = []
+    count = 0
+    for row in rows:
+        if current and count + row.questions > max_questions:
+            batches.append(current)
+            current, count = [], 0
+        current.append(row)
+        count += row.questions
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _score_batch(model: Any, packed: list[PackedGroup], tree_mask: bool, device: torch.device,

@@ -38,7 +38,8 @@ the adapter-only state; these two paths are not exercised on the CPU-only machin
 
 A checkpoint (``output_dir/checkpoint-<step>``, written into a temporary directory and renamed into place)
 holds the trainable parameters and buffers (``model_state.safetensors``), the optimizer and scheduler
-states, every process's RNG states (python, numpy, torch), the data position and a fingerprint of the
+states, every process's RNG states (python, numpy, torch), training state outside the state dict (I-LoRA's
+replay buffer, ``extra_state.pt``), the data position and a fingerprint of the
 configuration; ``resume_from_checkpoint`` (a path or ``"latest"``) continues the run exactly and refuses a
 checkpoint written by another configuration.
 """
@@ -329,9 +330,9 @@ def staged_output_dir(output_dir: str | Path, overwrite: bool = False, resume: b
         yield out
         return
     if not overwrite:
-        raise OutputDirError(f"output directory {out} already holds files; choose a new --output_dir, pass "
-                             f"--overwrite_output_dir (the old one is replaced only if the new run succeeds), "
-                             f"or --resume_from_checkpoint latest to continue it")
+        raise OutputDirError(f"output directory {out} already holds files; choose a new output directory, pass "
+                             f"--overwrite (overwrite_output_dir; the old one is replaced only if the new run "
+                             f"succeeds), or --resume (resume_from_checkpoint latest) to continue it")
     staging = out.with_name(f".{out.name}.staging")
     if is_main:
         shutil.rmtree(staging, ignore_errors=True)
@@ -404,6 +405,31 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
             if own[k].shape != v.shape:
                 raise ResumeError(f"checkpoint tensor {k} has shape {tuple(v.shape)}, model {tuple(own[k].shape)}")
             own[k].copy_(v)
+
+
+def extra_training_state(model: nn.Module) -> Any:
+    """Training state a model keeps outside its state dict: ``model.training_state()`` when it has one,
+    else I-LoRA's replay buffer (examples, reservoir count, generator) and task id; None when there is none."""
+    if hasattr(model, "training_state"):
+        return model.training_state()
+    replay = getattr(model, "replay", None)
+    if replay is not None and hasattr(replay, "examples") and hasattr(replay, "generator"):
+        return {"replay_examples": list(replay.examples), "replay_seen": replay.seen,
+                "replay_generator": replay.generator.get_state(), "task_id": getattr(model, "task_id", 0)}
+    return None
+
+
+def load_extra_training_state(model: nn.Module, state: Any) -> None:
+    """Inverse of :func:`extra_training_state`."""
+    if hasattr(model, "load_training_state"):
+        model.load_training_state(state)
+        return
+    replay = getattr(model, "replay", None)
+    if replay is not None and isinstance(state, dict) and "replay_examples" in state:
+        replay.examples = list(state["replay_examples"])
+        replay.seen = state["replay_seen"]
+        replay.generator.set_state(state["replay_generator"])
+        model.task_id = state.get("task_id", 0)
 
 
 def _unwrapped_method(model: nn.Module) -> str:
@@ -483,8 +509,12 @@ class Trainer:
 
     # -- main entry
 
-    def train(self) -> TrainOutput:
-        """Run (or resume) training; returns the final step, loss and where the adapter was saved."""
+    def train(self, run_dir: str | Path | None = None) -> TrainOutput:
+        """Run (or resume) training; returns the final step, loss and where the adapter was saved.
+
+        Without ``run_dir`` the run writes into ``args.output_dir`` under :func:`staged_output_dir`'s rules;
+        a caller that already guards a directory (``slim-peft run``) passes it as ``run_dir``.
+        """
         args = self.args
         acc = self._make_accelerator()
         self.accelerator = acc
@@ -492,27 +522,34 @@ class Trainer:
         self.checkpoint = None
         in_place = False
         if args.resume_from_checkpoint:
-            self.checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+            self.checkpoint = resolve_checkpoint(args.resume_from_checkpoint, run_dir or args.output_dir)
             out_dir = Path(args.output_dir).resolve()
             in_place = out_dir in self.checkpoint.resolve().parents or not _is_nonempty_dir(out_dir)
+        if run_dir is not None:
+            return self._train_in(Path(run_dir))
         with staged_output_dir(args.output_dir, args.overwrite_output_dir, resume=in_place,
-                               is_main=acc.is_main_process) as run_dir:
+                               is_main=acc.is_main_process) as staged:
             acc.wait_for_everyone()
-            self.run_dir = run_dir
-            try:
-                out = self._train(run_dir)
-            except Exception as e:
-                if acc.is_main_process:
-                    _write_json(run_dir / "run_status.json", {"status": "failed", "error": str(e),
-                                                               "step": self.state.global_step})
-                raise
-            if acc.is_main_process:
-                _write_json(run_dir / "run_status.json", {"status": "completed", "step": self.state.global_step})
-            acc.wait_for_everyone()
+            out = self._train_in(staged)
         # the staging directory (if any) has become output_dir
         final_dir = Path(args.output_dir)
         out.run_dir = str(final_dir)
         out.adapter_dir = str(final_dir / "adapter")
+        return out
+
+    def _train_in(self, run_dir: Path) -> TrainOutput:
+        acc = self.accelerator
+        self.run_dir = run_dir
+        try:
+            out = self._train(run_dir)
+        except Exception as e:
+            if acc.is_main_process:
+                _write_json(run_dir / "run_status.json", {"status": "failed", "error": str(e),
+                                                           "step": self.state.global_step})
+            raise
+        if acc.is_main_process:
+            _write_json(run_dir / "run_status.json", {"status": "completed", "step": self.state.global_step})
+        acc.wait_for_everyone()
         return out
 
     def _train(self, run_dir: Path) -> TrainOutput:
@@ -551,6 +588,7 @@ class Trainer:
 
         bar = _progress_bar(total_steps, state.global_step, disable=args.disable_tqdm or not acc.is_main_process)
         window: dict[str, float] = defaultdict(float)
+        last_eval: dict[str, Any] = {}
         window_start = time.perf_counter()
         last_loss = float("nan")
         try:
@@ -577,16 +615,16 @@ class Trainer:
                 bar.set_postfix(_postfix(step_loss, aux, self.last_log), refresh=False)
                 bar.update(1)
                 if args.eval_steps and state.global_step % args.eval_steps == 0:
-                    logger.log(self._evaluate(unwrapped, state.global_step))
+                    last_eval = self._evaluate(unwrapped, state.global_step)
+                    logger.log(last_eval)
                 if args.save_steps and state.global_step % args.save_steps == 0 and state.global_step < total_steps:
                     self._save_checkpoint(run_dir, state, wrapped, optimizer, scheduler)
                 for cb in self.callbacks:
                     cb(self)
-            final_metrics: dict[str, Any] = {}
-            if args.eval_steps or self.eval_dataset:
+            final_metrics = last_eval if last_eval.get("step") == state.global_step else {}
+            if not final_metrics and (self.eval_dataset or self.eval_fn):  # always evaluate the final model
                 final_metrics = self._evaluate(unwrapped, state.global_step)
-                if not (args.eval_steps and state.global_step % args.eval_steps == 0):
-                    logger.log(final_metrics)
+                logger.log(final_metrics)
             self._save_final(run_dir, unwrapped, state)
         finally:
             bar.close()
@@ -725,6 +763,9 @@ class Trainer:
             save_file(adapter_state_dict(acc.unwrap_model(wrapped)), str(tmp / MODEL_STATE_FILE))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if acc.is_main_process:
+            extra = extra_training_state(acc.unwrap_model(wrapped))
+            if extra is not None:
+                torch.save(extra, tmp / "extra_state.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             state.last_checkpoint = str(final)
             _write_json(tmp / STATE_FILE, dataclasses.asdict(state))  # written last: marks it complete
@@ -760,6 +801,9 @@ class Trainer:
             load_adapter_state_dict(acc.unwrap_model(wrapped), load_file(str(ckpt / MODEL_STATE_FILE)))
             optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=acc.device, weights_only=True))
         scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        if (ckpt / "extra_state.pt").exists():
+            extra = torch.load(ckpt / "extra_state.pt", weights_only=False)
+            load_extra_training_state(acc.unwrap_model(wrapped), extra)
         rng_file = ckpt / f"rng_state_{acc.process_index}.pt"
         if not rng_file.exists():
             acc.print(f"warning: {rng_file.name} missing (another number of processes?); using process 0's")

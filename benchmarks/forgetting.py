@@ -1,0 +1,1043 @@
+"""Learn-vs-forget study of every method on SmolLM2-135M-Instruct (issue 6).
+
+Each method is fine-tuned on MDS (OpenBookQA + SocialIQA + BoolQ train splits mixed, letter format, loss on the
+answer only) with the same data, steps, batch and schedule; only the learning rate differs (each method's paper
+or reference code, see ``METHODS``). Afterwards it is scored on
+
+- the downstream tasks' test splits with the ``letter`` protocol (what was learned), and
+- the general suite (ARC-Easy, ARC-Challenge, PIQA, SciQ, HellaSwag, Winogrande, MMLU) with the ``loglik``
+  protocol plus basic_arithmetic by greedy generation (what was kept), compared with the base model.
+
+Every (method, setting, seed) run is stored as ``benchmarks/results/forgetting/<protocol>/<setting>__<method>__
+seed<k>.json`` and skipped when present, so the study continues across sessions; the base model is scored once
+(``base.json``). The report ``benchmarks/results/forgetting.md`` (and the PNG plots beside it) is regenerated
+from the stored JSONs after every run, or alone with ``--report-only``.
+
+    python benchmarks/forgetting.py --budget pilot --methods lora,slim      # small end-to-end check
+    python benchmarks/forgetting.py --budget main                           # 8 methods x 3 seeds
+    python benchmarks/forgetting.py --budget ablations                      # SLIM ablations (paper Table 3)
+    python benchmarks/forgetting.py --budget sweeps                         # mask ratio, number of experts
+    python benchmarks/forgetting.py --budget curves                         # general score over steps
+    python benchmarks/forgetting.py --budget diagnostics                    # what moves SLIM's retention
+    python benchmarks/forgetting.py --plan --budget main                    # what would run, sizes, stderr
+    python benchmarks/forgetting.py --report-only
+
+Budgets "main", "ablations", "sweeps", "curves" and "diagnostics" share one protocol ("study"): their runs are
+comparable and share the base scores and the SLIM x mds runs. ``--max-steps``, ``--limit-general`` or
+``--limit-downstream`` change the protocol, so such runs go into their own directory (``custom-<hash>``) and
+never mix with the study's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+RUNS_DIR = RESULTS_DIR / "forgetting"
+REPORT = RESULTS_DIR / "forgetting.md"
+DEFAULT_WORK_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slim-peft" / "forgetting-work"
+MODEL = "smollm2-135m"
+
+DOWNSTREAM_TASKS = ("openbookqa", "social_iqa", "boolq")
+GENERAL_TASKS = ("arc_easy", "arc_challenge", "piqa", "sciq", "hellaswag", "winogrande", "mmlu")
+MATH_TASK = "basic_arithmetic"
+SHORT = {"openbookqa": "OBQA", "social_iqa": "SIQA", "boolq": "BoolQ", "arc_easy": "ARC-e", "arc_challenge": "ARC-c",
+         "piqa": "PIQA", "sciq": "SciQ", "hellaswag": "HellaS", "winogrande": "WinoG", "mmlu": "MMLU",
+         "basic_arithmetic": "Arith"}
+MMLU_SUBJECTS = 57
+STDERR_TARGET = 0.015  # the stderr of the general-suite mean must be at most 1.5 points
+
+
+# ================================================================================================ methods
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method as the study trains it: its adapter config, its learning rate and where that rate comes from."""
+
+    label: str
+    config: dict[str, Any]
+    lr: float
+    lr_source: str
+    note: str = ""
+
+
+METHODS: dict[str, MethodSpec] = {
+    "lora": MethodSpec(
+        "LoRA", {"method": "lora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+        2e-4, "2e-4: MoE-PEFT LoRA template (the SLIM paper's baselines); Hu et al. give no single LLM rate",
+        "rank 16 on all 7 projections: the paper's rank 128 on a 4096-wide model scaled to this 576-wide one "
+        "(128/4096*576 = 18 -> 16); `lora_r128` runs the literal rank"),
+    "dora": MethodSpec(
+        "DoRA", {"method": "dora", "r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+        1e-4, "1e-4: official DoRA repo (llama3_8B_DoRA.sh, commonsense reasoning)", "rank 16, all 7 projections"),
+    "mixlora": MethodSpec(
+        "MixLoRA", {"method": "mixlora", "num_experts": 8, "top_k": 2},
+        2e-4, "2e-4: MixLoRA paper / MoE-PEFT mixlora template", "8 FFN experts r16 top-2 + attention LoRA, aux 0.01"),
+    "mixlora_dy": MethodSpec(
+        "MixLoRA-Dy", {"method": "mixlora", "num_experts": 8, "top_p": 0.8},
+        2e-4, "2e-4: MixLoRA paper / MoE-PEFT mixlora template", "top-p 0.8 (dynamic) routing"),
+    "loramoe": MethodSpec(
+        "LoRAMoE", {"method": "loramoe", "num_experts": 8},
+        2e-4, "2e-4: official LoRAMoE code (run_loramoe.sh) and MoE-PEFT template",
+        "8 experts r16 on gate/up/down, dense router, localized balancing delta 0.1 beta 0.1; all MDS samples "
+        "are typed downstream"),
+    "mola": MethodSpec(
+        "MoLA", {"method": "mola", "experts_per_layer": "2,4,6,8", "top_k": 2},
+        2e-4, "2e-4: MoE-PEFT MoLA template", "2-4-6-8 experts over the layer quarters (MoLA's best), top-2"),
+    "ilora": MethodSpec(
+        "I-LoRA", {"method": "ilora", "ema_alpha": 0.99},
+        1.6e-4, "LLMCL train_seq.sh uses 1e-5 at per-device batch 1 over thousands of steps per task; scaled "
+        "linearly to our batch 16 (16 x 1e-5 = 1.6e-4), since 1e-5 over this study's few steps barely moves the "
+        "adapter (`ilora_lr1e-5` runs the literal rate)",
+        "r8 alpha32 on q/k/v/o, EMA 0.99, replay 500; single-stage setting, so the buffer holds only MDS data "
+        "(replay = regularising towards its own EMA); evaluated with the slow learner"),
+    "slim": MethodSpec(
+        "SLIM", {"method": "slim"},
+        2e-4, "2e-4: SLIM paper (OpenChat-8B, MoE-PEFT template value)",
+        "8 LoRA r16 + 2 identity experts, top-2, FFN block routing, calibrated yielding, mask ratio 0.5, L1 1e-3"),
+    # variants outside the main table (run them with --methods)
+    "lora_r128": MethodSpec(
+        "LoRA r128", {"method": "lora", "r": 128, "lora_alpha": 256, "lora_dropout": 0.05,
+                      "target_modules": "all-linear"},
+        2e-4, "2e-4: MoE-PEFT LoRA template", "the paper's literal rank 128 (alpha 256)"),
+    "ilora_lr1e-5": MethodSpec(
+        "I-LoRA lr1e-5", {"method": "ilora", "ema_alpha": 0.99},
+        1e-5, "1e-5: LLMCL train_seq.sh, literal", "the literal LLMCL rate"),
+}
+MAIN_METHODS = ("lora", "dora", "mixlora", "mixlora_dy", "loramoe", "mola", "ilora", "slim")
+
+
+# ================================================================================================ settings
+@dataclass(frozen=True)
+class SettingSpec:
+    """A variation of a method's config (``overrides``) within the study; ``curve`` also scores the general
+    suite at intermediate steps."""
+
+    label: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    curve: bool = False
+    group: str = "main"
+    x: float | None = None  # position on a sweep plot
+
+
+SETTINGS: dict[str, SettingSpec] = {
+    "mds": SettingSpec("MDS (main)"),
+    # paper Table 3
+    "no_identity": SettingSpec("w/o identity experts", {"num_identity_experts": 0}, group="ablation"),
+    "no_yield": SettingSpec("w/o weight yielding", {"yield_strength": 0.0}, group="ablation"),
+    "no_merge": SettingSpec("w/o dynamic merging", {"mask_ratio": 0.0}, group="ablation"),
+    "exact_merge": SettingSpec("exact (DARE) merging", {"merge_form": "exact"}, group="ablation"),
+    # Fig. 4: mask ratio (0.5 is the main setting)
+    **{f"mask{p}": SettingSpec(f"mask ratio {p}", {"mask_ratio": p}, group="mask_sweep", x=p)
+       for p in (0.1, 0.3, 0.7, 0.9)},
+    # Fig. 6: number of LoRA experts (8 is the main setting), 2 identity experts, top-2
+    **{f"experts{n}": SettingSpec(f"{n} LoRA experts", {"num_lora_experts": n}, group="experts_sweep", x=n)
+       for n in (2, 4, 16)},
+    # Fig. 5: general capability over training steps
+    "curve": SettingSpec("general score over steps", curve=True, group="curve"),
+    # what moves SLIM's retention (issue 6 item 4)
+    **{f"yield{g}": SettingSpec(f"yield strength {g}", {"yield_strength": g}, group="diagnostics", x=g)
+       for g in (0.5, 2.0, 4.0)},
+    **{f"l1_{w:g}": SettingSpec(f"L1 weight {w:g}", {"l1_weight": w}, group="diagnostics") for w in (0.0, 1e-2)},
+    **{f"clusters{c}": SettingSpec(f"{c} clusters", {"num_clusters": c}, group="diagnostics") for c in (1, 32)},
+    "all_linear": SettingSpec("SLIM on all 7 projections", {"target_modules": "all-linear"}, group="diagnostics"),
+}
+SWEEP_REFERENCE = {"mask_sweep": ("mask_ratio", 0.5), "experts_sweep": ("num_lora_experts", 8),
+                   "diagnostics": ("yield_strength", 1.0)}
+
+
+# ================================================================================================ protocol
+@dataclass(frozen=True)
+class Protocol:
+    """Everything that must be identical for runs to be comparable (and so is hashed into the directory)."""
+
+    name: str
+    max_steps: int
+    per_device_batch: int
+    grad_accum: int
+    max_seq_length: int
+    scheduler: str
+    warmup_ratio: float
+    weight_decay: float
+    max_grad_norm: float
+    downstream_limit: int
+    general_sizes: tuple[tuple[str, int], ...]  # (task, questions); mmlu: questions per subject x 57
+    math_limit: int
+    curve_points: int
+    eval_batch_size: int = 16
+
+    @property
+    def batch(self) -> int:
+        return self.per_device_batch * self.grad_accum
+
+    def general_limit(self, task: str) -> int:
+        """The ``limit`` argument of ``evaluate`` for a general task (per subject for MMLU)."""
+        n = dict(self.general_sizes)[task]
+        return max(1, math.ceil(n / MMLU_SUBJECTS)) if task == "mmlu" else n
+
+    def eval_dict(self) -> dict[str, Any]:
+        return {"downstream_limit": self.downstream_limit, "general_sizes": dict(self.general_sizes),
+                "math_limit": self.math_limit, "eval_batch_size": self.eval_batch_size}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["general_sizes"] = dict(self.general_sizes)
+        return d
+
+    def digest(self) -> str:
+        return _hash({k: v for k, v in self.to_dict().items() if k != "name"})
+
+    def eval_digest(self) -> str:
+        return _hash(self.eval_dict())
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# Per-task test sizes of the study (questions; the test splits hold arc_challenge 159, arc_easy 284, sciq 482,
+# winogrande 621, piqa 898, hellaswag 2073, mmlu 2836). Chosen so that the stderr of the 7-task mean is below
+# 1.5 points with the base model's accuracies (see `stderr_table`, printed by --plan and in the report), with
+# more questions where a question is cheap (short prompts, 1-token answers) and fewer where it is dear.
+STUDY_GENERAL = (("arc_easy", 250), ("arc_challenge", 159), ("piqa", 250), ("sciq", 200), ("hellaswag", 150),
+                 ("winogrande", 300), ("mmlu", 228))
+PILOT_GENERAL = tuple((t, 40) for t, _ in STUDY_GENERAL[:-1]) + (("mmlu", 57),)
+
+PROTOCOLS: dict[str, Protocol] = {
+    "study": Protocol(name="study", max_steps=60, per_device_batch=8, grad_accum=2, max_seq_length=512,
+                      scheduler="constant", warmup_ratio=0.03, weight_decay=0.01, max_grad_norm=1.0,
+                      downstream_limit=300, general_sizes=STUDY_GENERAL, math_limit=200, curve_points=4),
+    "pilot": Protocol(name="pilot", max_steps=8, per_device_batch=8, grad_accum=2, max_seq_length=512,
+                      scheduler="constant", warmup_ratio=0.03, weight_decay=0.01, max_grad_norm=1.0,
+                      downstream_limit=40, general_sizes=PILOT_GENERAL, math_limit=40, curve_points=2),
+}
+
+BUDGETS: dict[str, dict[str, Any]] = {
+    "main": {"protocol": "study", "seeds": (0, 1, 2), "runs": [(m, "mds") for m in MAIN_METHODS]},
+    "ablations": {"protocol": "study", "seeds": (0,),
+                  "runs": [("slim", s) for s in ("mds", "no_identity", "no_yield", "no_merge", "exact_merge")]},
+    "sweeps": {"protocol": "study", "seeds": (0,),
+               "runs": [("slim", s) for s, spec in SETTINGS.items() if spec.group in ("mask_sweep", "experts_sweep")]},
+    "curves": {"protocol": "study", "seeds": (0,), "runs": [(m, "curve") for m in ("lora", "mixlora", "slim")]},
+    "diagnostics": {"protocol": "study", "seeds": (0,),
+                    "runs": [("slim", s) for s, spec in SETTINGS.items() if spec.group == "diagnostics"]},
+    "pilot": {"protocol": "pilot", "seeds": (0,), "runs": [("lora", "mds"), ("slim", "mds")]},
+}
+
+
+def make_protocol(budget: str, max_steps: int | None = None, limit_general: int | None = None,
+                  limit_downstream: int | None = None, limit_math: int | None = None) -> Protocol:
+    """The budget's protocol with the command-line overrides; an override makes a ``custom-<hash>`` protocol."""
+    proto = PROTOCOLS[BUDGETS[budget]["protocol"]]
+    changes: dict[str, Any] = {}
+    if max_steps is not None:
+        changes["max_steps"] = max_steps
+    if limit_general is not None:
+        changes["general_sizes"] = tuple((t, limit_general if t != "mmlu" else max(limit_general, MMLU_SUBJECTS))
+                                         for t, _ in proto.general_sizes)
+    if limit_downstream is not None:
+        changes["downstream_limit"] = limit_downstream
+    if limit_math is not None:
+        changes["math_limit"] = limit_math
+    changed = {k: v for k, v in changes.items() if getattr(proto, k) != v}
+    if not changed:
+        return proto
+    proto = dataclasses.replace(proto, **changed)
+    return dataclasses.replace(proto, name=f"custom-{proto.digest()}")
+
+
+# ================================================================================================ planning
+@dataclass(frozen=True)
+class Run:
+    method: str
+    setting: str
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.setting}__{self.method}__seed{self.seed}"
+
+    def path(self, runs_dir: Path, protocol: Protocol) -> Path:
+        return runs_dir / protocol.name / f"{self.run_id}.json"
+
+
+def run_config(run: Run) -> dict[str, Any]:
+    """The adapter config dict of a run (the method's config with the setting's overrides)."""
+    spec, setting = METHODS[run.method], SETTINGS[run.setting]
+    cfg = dict(spec.config)
+    if setting.overrides:
+        if cfg["method"] != "slim":
+            raise ValueError(f"setting {run.setting!r} changes SLIM fields; it does not apply to {run.method!r}")
+        cfg.update(setting.overrides)
+    return cfg
+
+
+def plan(budget: str, methods: list[str] | None = None, seeds: list[int] | None = None) -> list[Run]:
+    """The runs of a budget, optionally restricted to some methods and replaced seeds, in execution order
+    (seed-major, so that every method gets its first seed before any gets its second)."""
+    b = BUDGETS[budget]
+    pairs = b["runs"]
+    if methods:
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise SystemExit(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+        in_budget = [p for p in pairs if p[0] in methods]
+        extra = [(m, pairs[0][1]) for m in methods if m not in {p[0] for p in pairs}]
+        pairs = in_budget + extra
+    seeds = list(seeds) if seeds else list(b["seeds"])
+    return [Run(m, s, seed) for seed in seeds for m, s in pairs]
+
+
+def load_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def run_status(run: Run, runs_dir: Path, protocol: Protocol) -> str:
+    """"done" (stored with this protocol), "stale" (stored with another protocol: kept, not overwritten
+    unless --rerun-stale) or "pending"."""
+    data = load_json(run.path(runs_dir, protocol))
+    if data is None:
+        return "pending"
+    if data.get("protocol_digest") != protocol.digest() or data.get("adapter_config") != run_config(run):
+        return "stale"
+    return "done"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# ================================================================================================ stderr
+# Base-model accuracies used only when no base.json exists yet (baseline_eval.md: arc_challenge acc_norm,
+# hellaswag acc_norm, the others acc).
+PRIOR_ACC = {"arc_easy": 0.523, "arc_challenge": 0.314, "piqa": 0.634, "sciq": 0.755, "hellaswag": 0.413,
+             "winogrande": 0.505, "mmlu": 0.273}
+
+
+def stderr_table(protocol: Protocol, base: dict | None = None) -> dict[str, Any]:
+    """Per task: n, p (base accuracy, or the prior), se = sqrt(p(1-p)/(n-1)); the stderr of the 7-task mean
+    = sqrt(sum se^2) / 7, and the worst case (every p = 0.5)."""
+    rows = []
+    for task, n in protocol.general_sizes:
+        n_eff = n
+        if task == "mmlu":
+            n_eff = protocol.general_limit(task) * MMLU_SUBJECTS
+        p, source = PRIOR_ACC[task], "prior"
+        if base and task in base.get("general", {}):
+            p, n_eff, source = base["general"][task]["score"], base["general"][task]["n"], "base"
+        rows.append({"task": task, "n": n_eff, "p": p, "se": math.sqrt(p * (1 - p) / max(1, n_eff - 1)),
+                     "source": source})
+    k = len(rows)
+    se_mean = math.sqrt(sum(r["se"] ** 2 for r in rows)) / k
+    worst = math.sqrt(sum(0.25 / max(1, r["n"] - 1) for r in rows)) / k
+    return {"rows": rows, "se_mean": se_mean, "se_mean_worst": worst, "target": STDERR_TARGET,
+            "ok": se_mean <= STDERR_TARGET}
+
+
+def stderr_markdown(st: dict[str, Any]) -> str:
+    lines = ["| task | n | p | se = sqrt(p(1-p)/(n-1)) |", "|---|---|---|---|"]
+    for r in st["rows"]:
+        lines.append(f"| {r['task']} | {r['n']} | {r['p']:.3f} ({r['source']}) | {100 * r['se']:.2f} pts |")
+    terms = " + ".join(f"{100 * r['se']:.2f}^2" for r in st["rows"])
+    lines += ["", f"stderr of the 7-task mean = sqrt({terms}) / 7 = **{100 * st['se_mean']:.2f} points** "
+              f"(target <= {100 * st['target']:.1f}: {'met' if st['ok'] else 'NOT met'}); worst case, every "
+              f"p = 0.5: {100 * st['se_mean_worst']:.2f} points."]
+    return "\n".join(lines)
+
+
+# ================================================================================================ execution
+class Study:
+    """Runs the planned runs of one protocol (model loading, training and evaluation through slim_peft)."""
+
+    def __init__(self, protocol: Protocol, runs_dir: Path, work_dir: Path, threads: int = 0,
+                 keep_adapters: bool = False, command: str = "") -> None:
+        self.protocol = protocol
+        self.runs_dir = runs_dir
+        self.work_dir = work_dir
+        self.threads = threads
+        self.keep_adapters = keep_adapters
+        self.command = command
+        self._train_data: tuple[list, dict] | None = None
+
+    @property
+    def dir(self) -> Path:
+        return self.runs_dir / self.protocol.name
+
+    # -- helpers
+    def _torch_setup(self) -> None:
+        import torch
+
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
+
+    def _load(self):
+        from slim_peft.assets import load_base_model
+
+        return load_base_model(MODEL)
+
+    def train_data(self, tokenizer) -> tuple[list, dict]:
+        if self._train_data is None:
+            from slim_peft.data import build_task_examples
+
+            self._train_data = build_task_examples(tokenizer, DOWNSTREAM_TASKS, split="train",
+                                                   max_seq_length=self.protocol.max_seq_length)
+        return self._train_data
+
+    def evaluate_all(self, model, tokenizer, with_downstream: bool = True, with_math: bool = True) -> dict:
+        """Downstream (letter), general (loglik, per-task sizes) and arithmetic (generate) scores."""
+        from slim_peft.evaluate import evaluate
+
+        p = self.protocol
+        out: dict[str, Any] = {"downstream": {}, "general": {}, "math": {}}
+        t0, c0 = time.perf_counter(), time.process_time()
+
+        def score(part: str, task: str, protocol: str, limit: int) -> None:
+            c = time.process_time()
+            res = evaluate(model, tokenizer, [task], protocol=protocol, split="test", limit=limit,
+                           batch_size=p.eval_batch_size, progress=True)
+            r = res["tasks"][task]
+            out[part][task] = {"score": r["score"], "stderr": r["stderr"], "metric": r["metric"], "n": r["n"],
+                               "seconds": r["seconds"], "cpu_seconds": round(time.process_time() - c, 2),
+                               "chance": r["chance"], "metrics": r["metrics"]}
+
+        if with_downstream:
+            for task in DOWNSTREAM_TASKS:
+                score("downstream", task, "letter", p.downstream_limit)
+        for task in GENERAL_TASKS:
+            score("general", task, "loglik", p.general_limit(task))
+        if with_math:
+            score("math", MATH_TASK, "generate", p.math_limit)
+        out["seconds"] = round(time.perf_counter() - t0, 2)
+        out["cpu_seconds"] = round(time.process_time() - c0, 2)
+        summarize(out)
+        return out
+
+    # -- base
+    def base_path(self) -> Path:
+        return self.dir / "base.json"
+
+    def ensure_base(self) -> dict:
+        path = self.base_path()
+        data = load_json(path)
+        if data is not None and data.get("eval_digest") == self.protocol.eval_digest():
+            return data
+        if data is not None:
+            print(f"[forgetting] {path} was scored with other test sizes; re-scoring the base model")
+        self._torch_setup()
+        print(f"[forgetting] scoring the base model ({self.protocol.name} sizes)", flush=True)
+        model, tok = self._load()
+        t0 = time.perf_counter()
+        scores = self.evaluate_all(model, tok)
+        data = {"kind": "base", "model": MODEL, "protocol": self.protocol.to_dict(),
+                "eval_digest": self.protocol.eval_digest(), **scores, "wall_seconds": round(time.perf_counter() - t0, 2),
+                "environment": environment(), "command": self.command,
+                "finished_at": _dt.datetime.now().isoformat(timespec="seconds")}
+        write_json(path, data)
+        print(f"[forgetting] base: downstream {fmt_pct(data['downstream_mean'])}, general "
+              f"{fmt_pct(data['general_mean'])}, arithmetic {fmt_pct(data['math_score'])} "
+              f"({data['wall_seconds']:.0f} s)", flush=True)
+        return data
+
+    # -- one run
+    def execute(self, run: Run) -> dict:
+        import torch
+
+        from slim_peft import config_from_dict, get_adapter_model
+        from slim_peft.train import Trainer, TrainingArguments, read_metrics, seed_everything
+
+        self._torch_setup()
+        p, spec, setting = self.protocol, METHODS[run.method], SETTINGS[run.setting]
+        cfg_dict = run_config(run)
+        t_start = time.perf_counter()
+        base_model, tok = self._load()
+        examples, counts = self.train_data(tok)
+        seed_everything(run.seed)
+        model = get_adapter_model(base_model, config_from_dict(cfg_dict))
+        trainable, total = model.num_parameters()
+        out_dir = self.work_dir / p.name / run.run_id
+        resume = None
+        from slim_peft.train import list_checkpoints
+
+        if list_checkpoints(out_dir):
+            resume = "latest"
+            print(f"[forgetting] {run.run_id}: resuming training from {list_checkpoints(out_dir)[-1]}", flush=True)
+        elif out_dir.exists():
+            shutil.rmtree(out_dir)
+        eval_steps = 0
+        curve_state: dict[str, Any] = {}
+        eval_fn = None
+        if setting.curve:
+            eval_steps = max(1, p.max_steps // p.curve_points)
+
+            def eval_fn(m):  # general suite at intermediate steps (the final step is scored after training)
+                step = trainer.state.global_step
+                if step >= p.max_steps or step in curve_state:
+                    return {}
+                res = self.evaluate_all(m, tok, with_downstream=False)
+                curve_state[step] = res
+                flat = {f"general/{t}": r["score"] for t, r in res["general"].items()}
+                flat["general_mean"] = res["general_mean"]
+                flat["math"] = res["math_score"]
+                flat["eval_seconds"] = res["seconds"]
+                return flat
+
+        args = TrainingArguments(
+            output_dir=str(out_dir), learning_rate=spec.lr, weight_decay=p.weight_decay,
+            per_device_train_batch_size=p.per_device_batch, gradient_accumulation_steps=p.grad_accum,
+            max_steps=p.max_steps, lr_scheduler_type=p.scheduler, warmup_ratio=p.warmup_ratio,
+            max_grad_norm=p.max_grad_norm, seed=run.seed, logging_steps=1, eval_steps=eval_steps,
+            save_steps=max(5, p.max_steps // 4), save_total_limit=1, resume_from_checkpoint=resume,
+            max_seq_length=p.max_seq_length, group_by_length=True, torch_num_threads=self.threads,
+            disable_tqdm=not sys.stderr.isatty(), report_to="jsonl")
+        trainer = Trainer(model, args, examples, pad_token_id=tok.pad_token_id, eval_fn=eval_fn,
+                          run_config={"study": "forgetting", "run": run.run_id, "model": MODEL})
+        print(f"[forgetting] {run.run_id}: training {p.max_steps} steps x batch {p.batch}, lr {spec.lr:g}, "
+              f"{trainable:,d} trainable parameters", flush=True)
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = trainer.train()
+        train_seconds = time.perf_counter() - t0
+        train_cpu = time.process_time() - c0
+        curve_eval_cpu = sum(r.get("cpu_seconds", 0) for r in curve_state.values())
+        records = read_metrics(out_dir / "metrics.jsonl")
+        losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        step_times = [r for r in records if "tokens_per_s" in r]
+        curve = []
+        for r in records:
+            if "eval/general_mean" in r:
+                curve.append({"step": r["step"], "general_mean": r["eval/general_mean"], "math": r.get("eval/math"),
+                              "general": {k.split("/", 2)[2]: v for k, v in r.items() if k.startswith("eval/general/")},
+                              "eval_seconds": r.get("eval/eval_seconds")})
+        routing = model.routing_stats() if hasattr(model, "routing_stats") else {}
+        model.eval()
+        if hasattr(model, "reset_routing_stats"):
+            model.reset_routing_stats()
+        scores = self.evaluate_all(model, tok)
+        eval_routing = model.routing_stats() if hasattr(model, "routing_stats") else {}
+        curve.append({"step": p.max_steps, "general_mean": scores["general_mean"], "math": scores["math_score"],
+                      "general": {t: r["score"] for t, r in scores["general"].items()}})
+        curve_eval_seconds = sum(c.get("eval_seconds") or 0 for c in curve[:-1])
+        result = {
+            "kind": "run", "run_id": run.run_id, "method": run.method, "method_label": spec.label,
+            "setting": run.setting, "setting_label": setting.label, "group": setting.group, "seed": run.seed,
+            "model": MODEL, "protocol": p.to_dict(), "protocol_digest": p.digest(), "adapter_config": cfg_dict,
+            "learning_rate": spec.lr, "lr_source": spec.lr_source, "method_note": spec.note,
+            "train": {"steps": out.global_step, "final_loss": out.final_loss, "losses": losses,
+                      "seconds": round(train_seconds - curve_eval_seconds, 2),
+                      "seconds_per_step": round((train_seconds - curve_eval_seconds) / max(1, p.max_steps), 3),
+                      "cpu_seconds": round(train_cpu - curve_eval_cpu, 2),
+                      "tokens_seen": step_times[-1]["tokens_seen"] if step_times else None,
+                      "trainable_parameters": trainable, "total_parameters": total, "data_counts": counts,
+                      "resumed": resume is not None},
+            **scores,
+            "curve": curve if setting.curve else [],
+            "routing_train": _routing_summary(routing), "routing_eval": _routing_summary(eval_routing),
+            "wall_seconds": round(time.perf_counter() - t_start, 2),
+            "environment": environment(), "command": self.command,
+            "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
+        }
+        if self.keep_adapters:
+            result["adapter_dir"] = out.adapter_dir
+        else:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        del model, base_model, trainer
+        return result
+
+
+def _routing_summary(stats: dict) -> dict:
+    if not stats:
+        return {}
+    return {"mean_identity_share": stats.get("mean_identity_share"), "sites": len(stats.get("sites", {}))}
+
+
+def summarize(scores: dict) -> None:
+    """Add the means: downstream_mean (3 tasks), general_mean (7 loglik tasks), math_score."""
+    d, g, m = scores.get("downstream", {}), scores.get("general", {}), scores.get("math", {})
+    scores["downstream_mean"] = statistics.fmean(r["score"] for r in d.values()) if d else None
+    scores["general_mean"] = statistics.fmean(r["score"] for r in g.values()) if g else None
+    scores["math_score"] = m[MATH_TASK]["score"] if MATH_TASK in m else None
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+# ================================================================================================ report
+def fmt_pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}"
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt_ms(values: list[float], digits: int = 1) -> str:
+    m, s = mean_std([v for v in values if v is not None])
+    if m is None:
+        return "-"
+    return f"{100 * m:.{digits}f}" + (f" ± {100 * s:.{digits}f}" if s is not None else "")
+
+
+def collect(runs_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every protocol directory: its base scores and its stored runs (by run_id)."""
+    out: dict[str, dict[str, Any]] = {}
+    if not runs_dir.is_dir():
+        return out
+    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        base = load_json(d / "base.json")
+        runs = {}
+        for f in sorted(d.glob("*__*__seed*.json")):
+            data = load_json(f)
+            if data and data.get("kind") == "run":
+                runs[data["run_id"]] = data
+        if base or runs:
+            out[d.name] = {"base": base, "runs": runs}
+    return out
+
+
+def group_runs(runs: dict[str, dict], setting: str | None = None, group: str | None = None) -> dict[tuple, list]:
+    """(method, setting) -> list of runs (seeds)."""
+    out: dict[tuple, list] = {}
+    for r in runs.values():
+        if setting is not None and r["setting"] != setting:
+            continue
+        if group is not None and r.get("group") != group:
+            continue
+        out.setdefault((r["method"], r["setting"]), []).append(r)
+    return out
+
+
+def _method_order(key: tuple) -> tuple:
+    m = key[0]
+    return (list(METHODS).index(m) if m in METHODS else 99, key[1])
+
+
+def downstream_table(groups: dict[tuple, list], base: dict | None, label_setting: bool = False) -> list[str]:
+    head = ["method"] + (["setting"] if label_setting else []) + ["seeds"] + [SHORT[t] for t in DOWNSTREAM_TASKS] + \
+        ["Avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if base and base.get("downstream"):
+        cells = ["base model"] + ([""] if label_setting else []) + ["-"] + \
+            [fmt_pct(base["downstream"][t]["score"]) for t in DOWNSTREAM_TASKS] + [fmt_pct(base["downstream_mean"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    for key in sorted(groups, key=_method_order):
+        rs = groups[key]
+        cells = [rs[0]["method_label"]] + ([rs[0]["setting_label"]] if label_setting else []) + [str(len(rs))]
+        cells += [fmt_ms([r["downstream"][t]["score"] for r in rs]) for t in DOWNSTREAM_TASKS]
+        cells.append(fmt_ms([r["downstream_mean"] for r in rs]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def retention(run: dict, base: dict) -> float | None:
+    if not base or not base.get("general_mean"):
+        return None
+    return run["general_mean"] / base["general_mean"]
+
+
+def general_table(groups: dict[tuple, list], base: dict | None, label_setting: bool = False) -> list[str]:
+    head = ["method"] + (["setting"] if label_setting else []) + ["seeds"] + [SHORT[t] for t in GENERAL_TASKS] + \
+        ["Avg (7)", "retention %", SHORT[MATH_TASK]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if base and base.get("general"):
+        cells = ["base model"] + ([""] if label_setting else []) + ["-"] + \
+            [fmt_pct(base["general"][t]["score"]) for t in GENERAL_TASKS] + \
+            [fmt_pct(base["general_mean"]), "100.0", fmt_pct(base["math_score"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    for key in sorted(groups, key=_method_order):
+        rs = groups[key]
+        cells = [rs[0]["method_label"]] + ([rs[0]["setting_label"]] if label_setting else []) + [str(len(rs))]
+        cells += [fmt_ms([r["general"][t]["score"] for r in rs]) for t in GENERAL_TASKS]
+        cells.append(fmt_ms([r["general_mean"] for r in rs]))
+        cells.append(fmt_ms([retention(r, base) for r in rs]) if base else "-")
+        cells.append(fmt_ms([r["math_score"] for r in rs]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def timing_table(runs: dict[str, dict]) -> list[str]:
+    lines = ["| run | trainable params | train s | s/step | eval s | wall s | load avg | final loss | "
+             "identity share (eval) |", "|---|---|---|---|---|---|---|---|---|"]
+    for rid in sorted(runs, key=lambda k: (_method_order((runs[k]["method"], runs[k]["setting"])), runs[k]["seed"])):
+        r = runs[rid]
+        share = (r.get("routing_eval") or {}).get("mean_identity_share")
+        lines.append(f"| {rid} | {r['train']['trainable_parameters']:,d} | {r['train']['seconds']:.0f} | "
+                     f"{r['train']['seconds_per_step']:.2f} | {r['seconds']:.0f} | {r['wall_seconds']:.0f} | "
+                     f"{r['environment'].get('loadavg_1min') or 0:.1f} | {r['train']['final_loss']:.3f} | "
+                     f"{'-' if share is None else f'{share:.3f}'} |")
+    return lines
+
+
+def scatter_plot(groups: dict[tuple, list], base: dict, path: Path, title: str) -> Path | None:
+    if not groups or not base:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for key in sorted(groups, key=_method_order):
+        rs = groups[key]
+        xs = [100 * retention(r, base) for r in rs]
+        ys = [100 * r["downstream_mean"] for r in rs]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        ex = statistics.stdev(xs) if len(xs) > 1 else 0
+        ey = statistics.stdev(ys) if len(ys) > 1 else 0
+        label = rs[0]["method_label"] + ("" if rs[0]["setting"] in ("mds", "curve") else f" ({rs[0]['setting']})")
+        ax.errorbar(mx, my, xerr=ex, yerr=ey, fmt="o", capsize=3, label=label,
+                    markersize=9 if rs[0]["method"] == "slim" else 6)
+        ax.scatter(xs, ys, s=8, alpha=0.35, color=ax.lines[-1].get_color() if ax.lines else None)
+    ax.axvline(100, color="grey", lw=0.8, ls=":")
+    ax.axhline(100 * base["downstream_mean"], color="grey", lw=0.8, ls="--")
+    ax.text(100, 100 * base["downstream_mean"], " base", fontsize=8, va="bottom")
+    ax.set_xlabel("general-suite retention (% of the base model's 7-task mean)")
+    ax.set_ylabel("downstream accuracy, OBQA+SIQA+BoolQ mean (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def curves_plot(runs: list[dict], base: dict, path: Path) -> Path | None:
+    runs = [r for r in runs if r.get("curve")]
+    if not runs or not base:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for r in sorted(runs, key=lambda r: _method_order((r["method"], r["setting"]))):
+        steps = [0] + [c["step"] for c in r["curve"]]
+        axes[0].plot(steps, [100 * base["general_mean"]] + [100 * c["general_mean"] for c in r["curve"]], "o-",
+                     label=f"{r['method_label']} (seed {r['seed']})")
+        axes[1].plot(steps, [100 * base["math_score"]] + [100 * (c["math"] or 0) for c in r["curve"]], "o-",
+                     label=r["method_label"])
+    axes[0].set_ylabel("general 7-task mean (%)")
+    axes[1].set_ylabel("basic_arithmetic exact match (%)")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.legend(fontsize=7)
+    fig.suptitle("general capability over training steps (step 0 = base model)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def sweep_plot(runs: dict[str, dict], base: dict, path: Path) -> Path | None:
+    panels = []
+    for group, (fld, ref) in SWEEP_REFERENCE.items():
+        if group == "diagnostics":
+            continue
+        pts = [r for r in runs.values() if r.get("group") == group and r["method"] == "slim"]
+        pts += [r for r in runs.values() if r["method"] == "slim" and r["setting"] == "mds"]
+        xs = sorted({r["adapter_config"].get(fld, ref) for r in pts})
+        if len(xs) < 2:
+            continue
+        panels.append((group, fld, ref, pts, xs))
+    if not panels or not base:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, (group, fld, ref, pts, xs) in zip(axes[0], panels):
+        ret = [statistics.fmean(100 * retention(r, base) for r in pts if r["adapter_config"].get(fld, ref) == x)
+               for x in xs]
+        down = [statistics.fmean(100 * r["downstream_mean"] for r in pts if r["adapter_config"].get(fld, ref) == x)
+                for x in xs]
+        ax.plot(xs, ret, "o-", label="general retention %")
+        ax.plot(xs, down, "s--", label="downstream acc %")
+        ax.set_xlabel(fld)
+        ax.set_title(f"SLIM: {fld} sweep", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def sizing_section(proto_name: str, data: dict[str, Any]) -> list[str]:
+    """Projected cost of the main budget from the measured per-step and per-question costs."""
+    runs = list(data["runs"].values())
+    if not runs:
+        return []
+    proto = runs[0]["protocol"]
+    by_method: dict[str, list[dict]] = {}
+    for r in runs:
+        by_method.setdefault(r["method"], []).append(r)
+    lines = ["| method | runs | s/step (median) | eval s (median) | per-question eval s |", "|---|---|---|---|---|"]
+    for m, rs in sorted(by_method.items(), key=lambda kv: _method_order((kv[0], ""))):
+        n_q = sum(v["n"] for r in rs[:1] for part in ("downstream", "general", "math") for v in r[part].values())
+        ev = statistics.median(r["seconds"] for r in rs)
+        lines.append(f"| {m} | {len(rs)} | {statistics.median(r['train']['seconds_per_step'] for r in rs):.2f} | "
+                     f"{ev:.0f} | {ev / max(1, n_q):.3f} |")
+    task_cost: dict[str, list[float]] = {}
+    for r in runs:
+        for part in ("downstream", "general", "math"):
+            for t, v in r[part].items():
+                task_cost.setdefault(t, []).append(v["seconds"] / max(1, v["n"]))
+    lines += ["", "Measured seconds per question (median over the runs of this protocol):", "",
+              "| " + " | ".join(SHORT.get(t, t) for t in task_cost) + " |", "|" + "---|" * len(task_cost),
+              "| " + " | ".join(f"{statistics.median(v):.3f}" for v in task_cost.values()) + " |"]
+    _ = proto, proto_name
+    return lines
+
+
+def write_report(runs_dir: Path = RUNS_DIR, report: Path = REPORT, quiet: bool = False) -> Path:
+    """Regenerate forgetting.md and the PNGs from the stored JSONs (never from anything else)."""
+    data = collect(runs_dir)
+    lines = ["# Learn vs forget on SmolLM2-135M-Instruct", "",
+             "Generated by `python benchmarks/forgetting.py --report-only` from the JSONs under "
+             "`benchmarks/results/forgetting/`; every number below comes from those files. Rerun any budget with "
+             "the commands listed per protocol (runs already stored are skipped).", ""]
+    lines += methods_section()
+    order = sorted(data, key=lambda n: (n != "study", n != "pilot", n))
+    if not data:
+        lines += ["No run is stored yet.", ""]
+    for name in order:
+        lines += protocol_section(name, data[name], runs_dir, report.parent)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines).rstrip() + "\n")
+    if not quiet:
+        print(f"[forgetting] wrote {report}")
+    return report
+
+
+def methods_section() -> list[str]:
+    lines = ["## Methods and learning rates", "",
+             "Same data, steps, batch, schedule and seeds for every method; only the learning rate differs, each "
+             "the one its paper or reference code recommends:", "",
+             "| key | method | learning rate | source | configuration |", "|---|---|---|---|---|"]
+    for key, m in METHODS.items():
+        lines.append(f"| `{key}` | {m.label} | {m.lr:g} | {m.lr_source} | {m.note} |")
+    lines += ["", "Main table: " + ", ".join(f"`{m}`" for m in MAIN_METHODS) + ". Settings of the other budgets "
+              "(SLIM only): " + ", ".join(f"`{k}` ({s.label})" for k, s in SETTINGS.items() if k != "mds") + ".", ""]
+    return lines
+
+
+def protocol_section(name: str, d: dict[str, Any], runs_dir: Path, out_dir: Path) -> list[str]:
+    base, runs = d["base"], d["runs"]
+    proto = (base or next(iter(runs.values())))["protocol"]
+    lines = [f"## Protocol `{name}`" + (" (the study)" if name == "study" else
+                                          " (smoke-sized: numbers are NOT conclusions)" if name == "pilot" else ""),
+             ""]
+    lines += [f"- training: MDS = {' + '.join(DOWNSTREAM_TASKS)} train splits mixed (letter format, loss on the "
+              f"answer only), {proto['max_steps']} optimizer steps x batch {proto['per_device_batch']} x "
+              f"{proto['grad_accum']} accumulation = {proto['max_steps'] * proto['per_device_batch'] * proto['grad_accum']}"
+              f" examples, AdamW (weight decay {proto['weight_decay']}), {proto['scheduler']} schedule with "
+              f"{proto['warmup_ratio']:.0%} warmup, clip {proto['max_grad_norm']}, max {proto['max_seq_length']} "
+              f"tokens, length-grouped batches;",
+              f"- downstream: letter protocol on the test splits, first {proto['downstream_limit']} questions per task;",
+              "- general: loglik protocol (lm-eval templates; acc_norm for ARC-Challenge and HellaSwag, acc "
+              "otherwise), first N test questions per task: " +
+              ", ".join(f"{t} {n}" for t, n in proto["general_sizes"].items()) +
+              " (MMLU: N/57 per subject); basic_arithmetic: greedy generation, exact match, first "
+              f"{proto['math_limit']} test questions;",
+              "- retention = adapted 7-task mean / base 7-task mean; mean ± sample std over seeds.", ""]
+    if base:
+        p = Protocol(**{**proto, "general_sizes": tuple(proto["general_sizes"].items())})
+        lines += ["### Test sizes and the stderr target", "", stderr_markdown(stderr_table(p, base)), ""]
+    main = group_runs(runs, setting="mds")
+    if main or base:
+        lines += ["### Downstream accuracy (Table 1 style, letter protocol, %)", ""]
+        lines += downstream_table(main, base) + [""]
+        lines += ["### General capability (Table 2 style, loglik protocol, %; retention vs base)", ""]
+        lines += general_table(main, base) + [""]
+    if main and base:
+        png = scatter_plot(main, base, out_dir / f"forgetting_{name}_scatter.png",
+                           f"learn vs forget, protocol '{name}' (SmolLM2-135M-Instruct, MDS)")
+        if png:
+            lines += [f"![learn vs forget](./{png.name})", ""]
+        lines += observations(main, base)
+    others = {k: v for k, v in runs.items() if v["setting"] not in ("mds",)}
+    if others:
+        og = group_runs(others)
+        lines += ["### Ablations, sweeps, diagnostics and curve runs (SLIM unless stated)", ""]
+        lines += downstream_table(og, None, label_setting=True) + [""]
+        lines += general_table(og, base, label_setting=True) + [""]
+        png = sweep_plot(runs, base, out_dir / f"forgetting_{name}_sweeps.png") if base else None
+        if png:
+            lines += [f"![sweeps](./{png.name})", ""]
+        png = curves_plot(list(runs.values()), base, out_dir / f"forgetting_{name}_curves.png") if base else None
+        if png:
+            lines += [f"![curves](./{png.name})", ""]
+    if name in ("study", "pilot"):
+        lines += pending_section(name, runs_dir)
+    if runs:
+        lines += ["### Wall time", ""]
+        total_train = sum(r["train"]["seconds"] for r in runs.values())
+        total_wall = sum(r["wall_seconds"] for r in runs.values())
+        lines += [f"{len(runs)} runs: {total_train / 3600:.2f} h training, {total_wall / 3600:.2f} h in all"
+                  + (f"; base model scored once in {base['wall_seconds']:.0f} s" if base else "") +
+                  ". Machine: " + _env_line(runs, base) + ".", ""]
+        lines += timing_table(runs) + [""]
+        lines += ["### Measured costs", ""] + sizing_section(name, d) + [""]
+        cmds = sorted({r["command"] for r in runs.values() if r.get("command")})
+        lines += ["### Commands that produced these runs", ""] + [f"    {c}" for c in cmds] + [""]
+    return lines
+
+
+def _env_line(runs: dict, base: dict | None) -> str:
+    envs = [r["environment"] for r in runs.values()] + ([base["environment"]] if base else [])
+    e = envs[0]
+    loads = [x.get("loadavg_1min") or 0 for x in envs]
+    return (f"{e['cpu_count']} CPU cores, {e['threads']} torch threads, torch {e['torch']}; 1-min load average "
+            f"at run end {min(loads):.1f}-{max(loads):.1f} (above {e['cpu_count']} means other jobs shared the "
+            f"cores and timings are inflated)")
+
+
+def observations(groups: dict[tuple, list], base: dict) -> list[str]:
+    """Plain statements computed from the table (no interpretation beyond ordering)."""
+    rows = []
+    for key, rs in groups.items():
+        rows.append((rs[0]["method_label"], statistics.fmean(r["downstream_mean"] for r in rs),
+                     statistics.fmean(retention(r, base) for r in rs), len(rs)))
+    if len(rows) < 2:
+        return []
+    by_ret = sorted(rows, key=lambda r: -r[2])
+    by_down = sorted(rows, key=lambda r: -r[1])
+    lines = ["Computed from the table above:", "",
+             "- retention, highest first: " + ", ".join(f"{n} {100 * r:.1f}%" for n, _, r, _ in by_ret) + ";",
+             "- downstream mean, highest first: " + ", ".join(f"{n} {100 * d:.1f}" for n, d, _, _ in by_down) + "."]
+    return lines + [""]
+
+
+def pending_section(name: str, runs_dir: Path) -> list[str]:
+    lines = [f"### Planned runs of protocol `{name}`", "", "| budget | done | pending | stale |", "|---|---|---|---|"]
+    pending_ids: list[str] = []
+    for budget, b in BUDGETS.items():
+        if b["protocol"] != name:
+            continue
+        proto = PROTOCOLS[name]
+        st = [(r, run_status(r, runs_dir, proto)) for r in plan(budget)]
+        lines.append(f"| {budget} | {sum(s == 'done' for _, s in st)} | {sum(s == 'pending' for _, s in st)} | "
+                     f"{sum(s == 'stale' for _, s in st)} |")
+        pending_ids += [f"{budget}:{r.run_id}" for r, s in st if s != "done"]
+    lines.append("")
+    if pending_ids:
+        lines += ["Not yet run: " + ", ".join(f"`{p}`" for p in pending_ids) + ".", ""]
+    return lines
+
+
+# ================================================================================================ CLI
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="main",
+                    help="which runs: main (8 methods x 3 seeds), ablations, sweeps, curves, diagnostics, pilot")
+    ap.add_argument("--methods", default=None, help="comma-separated method keys (default: the budget's)")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the budget's)")
+    ap.add_argument("--max-steps", type=int, default=None, help="override the training steps (new protocol)")
+    ap.add_argument("--limit-general", type=int, default=None,
+                    help="questions per general task (MMLU: at least 1 per subject) (new protocol)")
+    ap.add_argument("--limit-downstream", type=int, default=None,
+                    help="questions per downstream task (new protocol)")
+    ap.add_argument("--limit-math", type=int, default=None, help="basic_arithmetic questions (new protocol)")
+    ap.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where run JSONs are stored")
+    ap.add_argument("--report", type=Path, default=REPORT, help="the Markdown report to regenerate")
+    ap.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
+                    help="training checkpoints (a killed run resumes from its last checkpoint); deleted after a run")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--keep-adapters", action="store_true", help="keep each run's adapter in --work-dir")
+    ap.add_argument("--rerun-stale", action="store_true",
+                    help="re-run runs stored with another protocol or config instead of skipping them")
+    ap.add_argument("--plan", action="store_true", help="print the runs, their status and the stderr table; run nothing")
+    ap.add_argument("--report-only", action="store_true", help="only regenerate the report from stored JSONs")
+    ap.add_argument("--no-report", action="store_true", help="do not regenerate the report after each run")
+    ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    return ap.parse_args(argv)
+
+
+def command_line(argv: list[str] | None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return "python benchmarks/forgetting.py " + " ".join(shlex.quote(a) for a in args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.report_only:
+        write_report(args.runs_dir, args.report)
+        return 0
+    protocol = make_protocol(args.budget, args.max_steps, args.limit_general, args.limit_downstream, args.limit_math)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    runs = plan(args.budget, methods, seeds)
+    status = {r: run_status(r, args.runs_dir, protocol) for r in runs}
+    base = load_json(args.runs_dir / protocol.name / "base.json")
+    print(f"[forgetting] budget {args.budget}, protocol {protocol.name} ({protocol.digest()}): {len(runs)} runs, "
+          f"{sum(s == 'done' for s in status.values())} done, {sum(s == 'stale' for s in status.values())} stale")
+    for r in runs:
+        spec = METHODS[r.method]
+        print(f"  {r.run_id:40s} {status[r]:8s} lr {spec.lr:g}")
+    print(stderr_markdown(stderr_table(protocol, base)))
+    if args.plan:
+        return 0
+    todo = [r for r in runs if status[r] == "pending" or (status[r] == "stale" and args.rerun_stale)]
+    for r in runs:
+        if status[r] == "stale" and not args.rerun_stale:
+            print(f"[forgetting] {r.run_id}: stored with another protocol or config; kept (use --rerun-stale)")
+    study = Study(protocol, args.runs_dir, args.work_dir, threads=args.threads, keep_adapters=args.keep_adapters,
+                  command=command_line(argv))
+    if todo and (base is None or base.get("eval_digest") != protocol.eval_digest()):
+        study.ensure_base()
+    done = 0
+    for r in todo:
+        if args.max_runs is not None and done >= args.max_runs:
+            break
+        if run_status(r, args.runs_dir, protocol) == "done":  # another process finished it meanwhile
+            continue
+        t0 = time.perf_counter()
+        result = study.execute(r)
+        write_json(r.path(args.runs_dir, protocol), result)
+        done += 1
+        base = load_json(args.runs_dir / protocol.name / "base.json")
+        ret = retention(result, base)
+        print(f"[forgetting] {r.run_id}: downstream {fmt_pct(result['downstream_mean'])}, general "
+              f"{fmt_pct(result['general_mean'])} (retention {fmt_pct(ret)}%), arithmetic "
+              f"{fmt_pct(result['math_score'])}; train {result['train']['seconds']:.0f} s, eval "
+              f"{result['seconds']:.0f} s, total {time.perf_counter() - t0:.0f} s", flush=True)
+        if not args.no_report:
+            write_report(args.runs_dir, args.report, quiet=True)
+    if not args.no_report:
+        write_report(args.runs_dir, args.report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "src"))
+    raise SystemExit(main())

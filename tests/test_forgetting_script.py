@@ -1,0 +1,172 @@
+"""benchmarks/forgetting.py: planning, resume (skip stored runs), protocol separation, stderr sizing and the
+report from stored JSONs. No model is loaded and nothing is trained."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "forgetting.py"
+
+
+@pytest.fixture(scope="module")
+def fg():
+    spec = importlib.util.spec_from_file_location("forgetting_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["forgetting_script"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fake_scores(fg, shift: float = 0.0) -> dict:
+    def entry(score, n=40):
+        return {"score": score, "stderr": 0.05, "metric": "acc", "n": n, "seconds": 1.0, "chance": 0.25,
+                "metrics": {"acc": score}}
+
+    out = {"downstream": {t: entry(0.3 + shift) for t in fg.DOWNSTREAM_TASKS},
+           "general": {t: entry(0.5 - shift) for t in fg.GENERAL_TASKS},
+           "math": {fg.MATH_TASK: entry(0.1)}, "seconds": 10.0}
+    fg.summarize(out)
+    return out
+
+
+def env() -> dict:
+    return {"python": "3", "torch": "2", "threads": 2, "cpu_count": 2, "machine": "x", "loadavg_1min": 1.0}
+
+
+def fake_run(fg, run, protocol, shift=0.1) -> dict:
+    spec, setting = fg.METHODS[run.method], fg.SETTINGS[run.setting]
+    return {"kind": "run", "run_id": run.run_id, "method": run.method, "method_label": spec.label,
+            "setting": run.setting, "setting_label": setting.label, "group": setting.group, "seed": run.seed,
+            "protocol": protocol.to_dict(), "protocol_digest": protocol.digest(),
+            "adapter_config": fg.run_config(run), "learning_rate": spec.lr, **fake_scores(fg, shift),
+            "train": {"steps": protocol.max_steps, "final_loss": 1.0, "seconds": 5.0, "seconds_per_step": 0.6,
+                      "trainable_parameters": 1000, "total_parameters": 10000},
+            "curve": [{"step": protocol.max_steps, "general_mean": 0.4, "math": 0.1}] if setting.curve else [],
+            "routing_eval": {"mean_identity_share": 0.3}, "wall_seconds": 20.0, "environment": env(),
+            "command": "python benchmarks/forgetting.py --budget pilot"}
+
+
+def store_base(fg, runs_dir: Path, protocol) -> None:
+    base = {"kind": "base", "protocol": protocol.to_dict(), "eval_digest": protocol.eval_digest(),
+            **fake_scores(fg), "wall_seconds": 30.0, "environment": env()}
+    fg.write_json(runs_dir / protocol.name / "base.json", base)
+
+
+def test_main_budget_is_8_methods_by_3_seeds_seed_major(fg):
+    runs = fg.plan("main")
+    assert len(runs) == 24
+    assert {r.method for r in runs} == set(fg.MAIN_METHODS)
+    assert [r.seed for r in runs[:8]] == [0] * 8  # every method gets seed 0 before any gets seed 1
+    assert len({r.run_id for r in runs}) == 24
+    assert all(r.setting == "mds" for r in runs)
+
+
+def test_method_and_seed_selection(fg):
+    runs = fg.plan("main", ["slim", "lora"], [5])
+    assert [(r.method, r.seed) for r in runs] == [("lora", 5), ("slim", 5)]
+    extra = fg.plan("pilot", ["dora"])
+    assert [(r.method, r.setting) for r in extra] == [("dora", "mds")]
+    with pytest.raises(SystemExit):
+        fg.plan("main", ["lorra"])
+
+
+def test_other_budgets_and_settings_are_valid_slim_configs(fg):
+    from slim_peft import config_from_dict
+
+    for budget in fg.BUDGETS:
+        for run in fg.plan(budget):
+            config_from_dict(fg.run_config(run))  # raises on a bad field or value
+    ab = {r.setting for r in fg.plan("ablations")}
+    assert {"no_identity", "no_yield", "no_merge", "exact_merge"} <= ab
+    assert fg.run_config(fg.Run("slim", "no_identity", 0))["num_identity_experts"] == 0
+    with pytest.raises(ValueError):
+        fg.run_config(fg.Run("lora", "no_yield", 0))
+    assert {r.method for r in fg.plan("curves")} == {"lora", "mixlora", "slim"}
+
+
+def test_overrides_make_a_separate_protocol(fg):
+    study = fg.make_protocol("main")
+    assert study.name == "study" and fg.make_protocol("ablations") is study
+    custom = fg.make_protocol("main", max_steps=3)
+    assert custom.name.startswith("custom-") and custom.max_steps == 3
+    assert custom.digest() != study.digest()
+    assert fg.make_protocol("main", max_steps=study.max_steps) is study  # no real change
+    small = fg.make_protocol("pilot", limit_general=10, limit_downstream=5)
+    assert small.general_limit("arc_easy") == 10 and small.general_limit("mmlu") == 1
+    assert small.downstream_limit == 5
+
+
+def test_study_test_sizes_meet_the_stderr_target(fg):
+    st = fg.stderr_table(fg.PROTOCOLS["study"])
+    assert st["ok"] and st["se_mean"] <= fg.STDERR_TARGET
+    assert st["se_mean_worst"] <= fg.STDERR_TARGET  # even if every task sat at p = 0.5
+    assert "1.5" in fg.stderr_markdown(st)
+
+
+def test_resume_skips_stored_runs_and_keeps_stale_ones(fg, tmp_path, monkeypatch):
+    proto = fg.make_protocol("pilot")
+    runs = fg.plan("pilot")
+    assert all(fg.run_status(r, tmp_path, proto) == "pending" for r in runs)
+    done, other = runs
+    fg.write_json(done.path(tmp_path, proto), fake_run(fg, done, proto))
+    stale = fake_run(fg, other, proto)
+    stale["protocol_digest"] = "something-else"
+    fg.write_json(other.path(tmp_path, proto), stale)
+    assert fg.run_status(done, tmp_path, proto) == "done"
+    assert fg.run_status(other, tmp_path, proto) == "stale"
+    store_base(fg, tmp_path, proto)
+
+    executed = []
+    monkeypatch.setattr(fg.Study, "execute", lambda self, run: executed.append(run) or fake_run(fg, run, proto))
+    monkeypatch.setattr(fg.Study, "ensure_base", lambda self: pytest.fail("the base is stored; not re-scored"))
+    report = tmp_path / "report.md"
+    args = ["--budget", "pilot", "--runs-dir", str(tmp_path), "--report", str(report), "--no-report"]
+    assert fg.main(args) == 0
+    assert executed == []  # one done, one stale (kept without --rerun-stale)
+    assert fg.main(args + ["--rerun-stale"]) == 0
+    assert executed == [other]
+    assert fg.run_status(other, tmp_path, proto) == "done"
+
+
+def test_pending_runs_are_executed_and_stored(fg, tmp_path, monkeypatch):
+    proto = fg.make_protocol("pilot", max_steps=2)
+    store_base(fg, tmp_path, proto)
+    monkeypatch.setattr(fg.Study, "execute", lambda self, run: fake_run(fg, run, proto))
+    args = ["--budget", "pilot", "--max-steps", "2", "--runs-dir", str(tmp_path), "--report",
+            str(tmp_path / "r.md"), "--no-report", "--max-runs", "1"]
+    assert fg.main(args) == 0
+    stored = sorted((tmp_path / proto.name).glob("*__seed*.json"))
+    assert [p.name for p in stored] == ["mds__lora__seed0.json"]
+    data = json.loads(stored[0].read_text())
+    assert data["protocol"]["max_steps"] == 2 and data["learning_rate"] == fg.METHODS["lora"].lr
+
+
+def test_plan_only_runs_nothing(fg, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fg.Study, "execute", lambda self, run: pytest.fail("--plan must not train"))
+    monkeypatch.setattr(fg.Study, "ensure_base", lambda self: pytest.fail("--plan must not evaluate"))
+    assert fg.main(["--plan", "--budget", "main", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mds__slim__seed2" in out and "stderr of the 7-task mean" in out
+
+
+def test_report_from_stored_jsons(fg, tmp_path):
+    proto = fg.make_protocol("pilot")
+    store_base(fg, tmp_path, proto)
+    for i, run in enumerate(fg.plan("pilot", seeds=[0, 1])):
+        fg.write_json(run.path(tmp_path, proto), fake_run(fg, run, proto, shift=0.05 * i))
+    curve = fg.Run("slim", "curve", 0)
+    fg.write_json(curve.path(tmp_path, proto), fake_run(fg, curve, proto))
+    report = tmp_path / "out" / "forgetting.md"
+    fg.write_report(tmp_path, report, quiet=True)
+    text = report.read_text()
+    assert "Table 1 style" in text and "Table 2 style" in text and "retention" in text
+    assert "| SLIM | 2 |" in text  # two seeds aggregated
+    assert "2e-04" in text or "0.0002" in text
+    assert (report.parent / "forgetting_pilot_scatter.png").is_file()
+    assert (report.parent / "forgetting_pilot_curves.png").is_file()
+    assert "python benchmarks/forgetting.py --budget pilot" in text
