@@ -25,8 +25,10 @@ from typing import Any
 import torch
 
 HERE = Path(__file__).resolve().parent
-LM_EVAL_TASKS = {"arc_easy": ("arc/arc_easy.yaml", "ai2_arc", "ARC-Easy"),
-                 "piqa": ("piqa/piqa.yaml", "piqa", "plain_text")}
+LM_EVAL_TASKS = {
+    "arc_easy": ("arc/arc_easy.yaml", "ai2_arc", "ARC-Easy"),
+    "piqa": ("piqa/piqa.yaml", "piqa", "plain_text"),
+}
 
 
 def cpu_name() -> str:
@@ -55,8 +57,18 @@ def timed(fn):
 def run_ours(model, tok, tasks: list[str], limit: int, batch_size: int) -> tuple[dict, float, float]:
     from slim_peft.evaluate import evaluate
 
-    return timed(lambda: evaluate(model, tok, tasks, protocol="loglik", split="full", limit=limit,
-                                  batch_size=batch_size, log_samples=True))
+    return timed(
+        lambda: evaluate(
+            model,
+            tok,
+            tasks,
+            protocol="loglik",
+            split="full",
+            limit=limit,
+            batch_size=batch_size,
+            log_samples=True,
+        )
+    )
 
 
 def lm_eval_config(name: str) -> dict[str, Any]:
@@ -70,8 +82,15 @@ def lm_eval_config(name: str) -> dict[str, Any]:
     cfg = load_yaml(Path(lm_eval.__file__).parent / "tasks" / yaml_rel)
     files = sorted(str(p) for p in (data_dir() / ds_name / ds_config / "validation").glob("data-*.arrow"))
     cfg.pop("tag", None)
-    cfg.update(task=name, dataset_path="arrow", dataset_name=None, dataset_kwargs={"data_files": {"validation": files}},
-               training_split=None, validation_split="validation", test_split=None)
+    cfg.update(
+        task=name,
+        dataset_path="arrow",
+        dataset_name=None,
+        dataset_kwargs={"data_files": {"validation": files}},
+        training_split=None,
+        validation_split="validation",
+        test_split=None,
+    )
     return cfg
 
 
@@ -81,16 +100,19 @@ def run_lm_eval(model, tok, tasks: list[str], limit: int, batch_size: int) -> tu
 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
     cfgs = [lm_eval_config(t) for t in tasks]
-    return timed(lambda: lm_eval.simple_evaluate(model=lm, tasks=cfgs, limit=limit, log_samples=True,
-                                                 bootstrap_iters=0))
+    return timed(
+        lambda: lm_eval.simple_evaluate(
+            model=lm, tasks=cfgs, limit=limit, log_samples=True, bootstrap_iters=0
+        )
+    )
 
 
 def loglik_diff(ours: dict, theirs: dict, task: str) -> float:
-    """Largest |difference| of per-choice log-likelihoods between the two runs (same questions, same order)."""
+    """Largest |difference| of per-choice log-likelihoods between the two runs (same questions)."""
     by_doc = {s["doc_id"]: [r[0][0] for r in s["resps"]] for s in theirs["samples"][task]}
     worst = 0.0
     for i, s in enumerate(ours["tasks"][task]["samples"]):
-        worst = max(worst, max(abs(a - float(b)) for a, b in zip(s["loglik"], by_doc[i])))
+        worst = max(worst, max(abs(a - float(b)) for a, b in zip(s["loglik"], by_doc[i], strict=True)))
     return worst
 
 
@@ -115,15 +137,20 @@ def markdown(args, ours_runs, lm, versions) -> str:
                 lines.append(f"| {task} | {metric} | {mine:.4f} | - | - | - |")
                 continue
             theirs = lm[0]["results"][task][f"{metric},none"]
-            lines.append(f"| {task} | {metric} | {mine:.4f} ± {r['metrics'][metric + '_stderr']:.4f} | "
-                         f"{theirs:.4f} | {100 * (mine - theirs):+.2f} | {loglik_diff(ours, lm[0], task):.1e} |")
+            lines.append(
+                f"| {task} | {metric} | {mine:.4f} ± {r['metrics'][metric + '_stderr']:.4f} | "
+                f"{theirs:.4f} | {100 * (mine - theirs):+.2f} | {loglik_diff(ours, lm[0], task):.1e} |"
+            )
     lines += ["", "| run | wall s | CPU s (all threads) |", "|---|---|---|"]
     for i, (_, wall, cpu) in enumerate(ours_runs):
         lines.append(f"| ours, run {i + 1} | {wall:.1f} | {cpu:.1f} |")
     if lm is not None:
         lines.append(f"| lm-eval 0.4.13 | {lm[1]:.1f} | {lm[2]:.1f} |")
-        lines += ["", f"Wall-time ratio ours / lm-eval: **{ours_wall / lm[1]:.3f}** (mean of our runs; target <= "
-                      f"0.333); CPU-time ratio {ours_cpu / lm[2]:.3f}."]
+        lines += [
+            "",
+            f"Wall-time ratio ours / lm-eval: **{ours_wall / lm[1]:.3f}** (mean of our runs; target <= "
+            f"0.333); CPU-time ratio {ours_cpu / lm[2]:.3f}.",
+        ]
     lines += [
         "",
         "Command: `python benchmarks/eval_vs_lm_eval.py " + " ".join(sys.argv[1:]) + "`",
@@ -167,8 +194,12 @@ def main() -> int:
 
     model, tok = load_base_model()
     model.eval()
-    versions = {"transformers": transformers.__version__, "slim_peft": slim_peft.__version__, "lm_eval": "-",
-                "load_before": load_avg()}
+    versions = {
+        "transformers": transformers.__version__,
+        "slim_peft": slim_peft.__version__,
+        "lm_eval": "-",
+        "load_before": load_avg(),
+    }
     try:
         import lm_eval  # noqa: F401
 

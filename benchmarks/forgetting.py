@@ -219,10 +219,10 @@ STUDY_GENERAL = (("arc_easy", 250), ("arc_challenge", 159), ("piqa", 250), ("sci
 PILOT_GENERAL = tuple((t, 40) for t, _ in STUDY_GENERAL[:-1]) + (("mmlu", 57),)
 
 PROTOCOLS: dict[str, Protocol] = {
-    "study": Protocol(name="study", max_steps=60, per_device_batch=8, grad_accum=2, max_seq_length=512,
+    "study": Protocol(name="study", max_steps=60, per_device_batch=4, grad_accum=4, max_seq_length=512,
                       scheduler="constant", warmup_ratio=0.03, weight_decay=0.01, max_grad_norm=1.0,
                       downstream_limit=300, general_sizes=STUDY_GENERAL, math_limit=200, curve_points=4),
-    "pilot": Protocol(name="pilot", max_steps=8, per_device_batch=8, grad_accum=2, max_seq_length=512,
+    "pilot": Protocol(name="pilot", max_steps=8, per_device_batch=4, grad_accum=4, max_seq_length=512,
                       scheduler="constant", warmup_ratio=0.03, weight_decay=0.01, max_grad_norm=1.0,
                       downstream_limit=40, general_sizes=PILOT_GENERAL, math_limit=40, curve_points=2),
 }

@@ -38,9 +38,16 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # sharper distributions than the default init, so choices differ clearly
         model.get_input_embeddings().weight.normal_(0, 1.0)
@@ -61,7 +68,9 @@ def groups_for(tokenizer, names: list[str], n: int) -> list[list[tuple[list[int]
         task = get_task(name)
         for ex in task.examples("full", limit=n):
             req = task.lm_eval_request(ex)
-            out.append([encode_pair(tokenizer, c, x) for c, x in zip(req.contexts, req.continuations)])
+            out.append(
+                [encode_pair(tokenizer, c, x) for c, x in zip(req.contexts, req.continuations, strict=True)]
+            )
     return out
 
 
@@ -70,8 +79,8 @@ def test_packed_scorer_equals_direct_per_choice_logprobs(tiny, tokenizer):
     groups = groups_for(tokenizer, ["arc_easy", "winogrande", "piqa", "copa"], 4)
     packed = score_requests(tiny, groups, batch_size=3, pack=True)
     chains = score_requests(tiny, groups, batch_size=5, pack=False)
-    for group, got_p, got_c in zip(groups, packed, chains):
-        for (ctx, cont), p, c in zip(group, got_p, got_c):
+    for group, got_p, got_c in zip(groups, packed, chains, strict=True):
+        for (ctx, cont), p, c in zip(group, got_p, got_c, strict=True):
             want = direct_loglik(tiny, ctx, cont)
             assert p == pytest.approx(want, abs=2e-3)
             assert c == pytest.approx(want, abs=2e-3)
@@ -90,7 +99,7 @@ def test_encode_pair_follows_lm_eval(tokenizer):
     ctx, cont = encode_pair(tokenizer, "Question: why?\nAnswer: ", "because")
     assert ctx == tokenizer.encode("Question: why?\nAnswer:")  # trailing space moved to the continuation
     whole = tokenizer.encode("Question: why?\nAnswer: because")
-    assert ctx + cont == whole[:len(ctx)] + whole[len(ctx):] and cont == whole[len(ctx):]
+    assert ctx + cont == whole[: len(ctx)] + whole[len(ctx) :] and cont == whole[len(ctx) :]
 
 
 def test_mean_stderr_is_lm_evals():
@@ -102,8 +111,16 @@ def test_mean_stderr_is_lm_evals():
 
 # ----------------------------------------------------------------------------------------- protocols
 def test_loglik_results_match_direct_argmax(tiny, tokenizer):
-    res = evaluate(tiny, tokenizer, ["arc_easy", "winogrande"], split="test", limit=6, batch_size=4,
-                   log_samples=True, seed=3)
+    res = evaluate(
+        tiny,
+        tokenizer,
+        ["arc_easy", "winogrande"],
+        split="test",
+        limit=6,
+        batch_size=4,
+        log_samples=True,
+        seed=3,
+    )
     json.dumps(res)
     for name in ("arc_easy", "winogrande"):
         r = res["tasks"][name]
@@ -111,12 +128,17 @@ def test_loglik_results_match_direct_argmax(tiny, tokenizer):
         assert r["task"] == name and r["protocol"] == "loglik" and r["n"] == 6 and r["seed"] == 3
         assert r["split"]["name"] == "test" and r["model"] and "adapter" in r
         accs, norms = [], []
-        for ex, sample in zip(task.examples("test", limit=6), r["samples"]):
+        for ex, sample in zip(task.examples("test", limit=6), r["samples"], strict=True):
             req = task.lm_eval_request(ex)
-            lls = [direct_loglik(tiny, *encode_pair(tokenizer, c, x)) for c, x in zip(req.contexts, req.continuations)]
+            lls = [
+                direct_loglik(tiny, *encode_pair(tokenizer, c, x))
+                for c, x in zip(req.contexts, req.continuations, strict=True)
+            ]
             assert sample["loglik"] == pytest.approx(lls, abs=2e-3)
             accs.append(float(max(range(len(lls)), key=lambda i: lls[i]) == req.gold))
-            norms.append(float(max(range(len(lls)), key=lambda i: lls[i] / len(req.choice_texts[i])) == req.gold))
+            norms.append(
+                float(max(range(len(lls)), key=lambda i: lls[i] / len(req.choice_texts[i])) == req.gold)
+            )
         assert r["metrics"]["acc"] == pytest.approx(sum(accs) / 6)
         assert r["metrics"]["acc_stderr"] == pytest.approx(mean_stderr(accs))
         if task.has_acc_norm:
@@ -129,7 +151,7 @@ def test_letter_protocol_scores_the_next_token_after_the_chat_prompt(tiny, token
     task = get_task("openbookqa")
     exs = task.examples("test", limit=4)
     res = evaluate(tiny, tokenizer, ["openbookqa"], protocol="letter", limit=4, log_samples=True)
-    for ex, sample in zip(exs, res["tasks"]["openbookqa"]["samples"]):
+    for ex, sample in zip(exs, res["tasks"]["openbookqa"]["samples"], strict=True):
         reqs = letter_requests(tokenizer, ex)
         prompt = reqs[0][0]
         assert all(r[0] == prompt and len(r[1]) == 1 for r in reqs)  # one prompt, one token per letter
@@ -164,8 +186,9 @@ def test_adapter_model_scores_like_unpacked(tiny, tokenizer):
         pytest.skip("adapter model code not available")
     import copy
 
-    model = sp.get_adapter_model(copy.deepcopy(tiny), sp.SlimConfig(r=4, num_lora_experts=4, num_identity_experts=2,
-                                                                     top_k=2))
+    model = sp.get_adapter_model(
+        copy.deepcopy(tiny), sp.SlimConfig(r=4, num_lora_experts=4, num_identity_experts=2, top_k=2)
+    )
     torch.manual_seed(1)
     for p in model.parameters():
         if p.requires_grad:
@@ -182,9 +205,17 @@ def _fake_results(scores: dict[str, float], adapter=None) -> dict:
     tasks = {}
     for name, s in scores.items():
         task = get_task(name)
-        tasks[name] = {"task": name, "protocol": "loglik", "metric": "acc", "score": s,
-                       "stderr": math.sqrt(s * (1 - s) / 99), "n": 100, "split": task.split_info("test"),
-                       "chance": task.chance, "role": task.role}
+        tasks[name] = {
+            "task": name,
+            "protocol": "loglik",
+            "metric": "acc",
+            "score": s,
+            "stderr": math.sqrt(s * (1 - s) / 99),
+            "n": 100,
+            "split": task.split_info("test"),
+            "chance": task.chance,
+            "role": task.role,
+        }
     return {"model": "m", "adapter": adapter, "protocol": "loglik", "split": "test", "tasks": tasks}
 
 
@@ -212,15 +243,23 @@ def test_forgetting_report_and_writers(tmp_path):
 def test_cli_parses_the_documented_command_and_writes_json(tiny, tokenizer, tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
-    args = parser.parse_args("--tasks arc_easy,piqa --split full --limit 400 --protocol loglik "
-                             "--output results.json".split())
-    assert (args.tasks, args.split, args.limit, args.protocol, args.output) == \
-        ("arc_easy,piqa", "full", 400, "loglik", "results.json")
+    args = parser.parse_args(
+        "--tasks arc_easy,piqa --split full --limit 400 --protocol loglik --output results.json".split()
+    )
+    assert (args.tasks, args.split, args.limit, args.protocol, args.output) == (
+        "arc_easy,piqa",
+        "full",
+        400,
+        "loglik",
+        "results.json",
+    )
     assert args.model is None and args.adapter is None and args.batch_size == 16 and args.seed == 0
 
     monkeypatch.setattr(ev, "load_model_for_eval", lambda *a, **k: (tiny, tokenizer))
     out = tmp_path / "results.json"
-    args = parser.parse_args(["--tasks", "arc_easy,piqa", "--split", "full", "--limit", "3", "--output", str(out)])
+    args = parser.parse_args(
+        ["--tasks", "arc_easy,piqa", "--split", "full", "--limit", "3", "--output", str(out)]
+    )
     assert eval_command(args) == 0
     res = json.loads(out.read_text())
     assert set(res["tasks"]) == {"arc_easy", "piqa"} and res["tasks"]["piqa"]["n"] == 3

@@ -28,11 +28,36 @@ from slim_peft.tasks import (
 )
 from slim_peft.tasks.builtin import arc_example, arc_lm
 
-BUILTIN = ["arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "social_iqa",
-           "commonsense_qa", "winogrande", "sciq", "copa", "basic_arithmetic", "mmlu"]
-SIZES = {"arc_easy": 570, "arc_challenge": 299, "boolq": 3270, "hellaswag": 10042, "openbookqa": 500,
-         "piqa": 1838, "social_iqa": 1954, "commonsense_qa": 1221, "winogrande": 1267, "sciq": 1000, "copa": 100,
-         "basic_arithmetic": 3000, "mmlu": 14042}
+BUILTIN = [
+    "arc_easy",
+    "arc_challenge",
+    "boolq",
+    "hellaswag",
+    "openbookqa",
+    "piqa",
+    "social_iqa",
+    "commonsense_qa",
+    "winogrande",
+    "sciq",
+    "copa",
+    "basic_arithmetic",
+    "mmlu",
+]
+SIZES = {
+    "arc_easy": 570,
+    "arc_challenge": 299,
+    "boolq": 3270,
+    "hellaswag": 10042,
+    "openbookqa": 500,
+    "piqa": 1838,
+    "social_iqa": 1954,
+    "commonsense_qa": 1221,
+    "winogrande": 1267,
+    "sciq": 1000,
+    "copa": 100,
+    "basic_arithmetic": 3000,
+    "mmlu": 14042,
+}
 
 
 def first(name: str) -> tuple[Example, object]:
@@ -93,9 +118,11 @@ def test_golden_arc_easy():
 
 def test_golden_arc_challenge():
     ex, req = first("arc_challenge")
-    assert req.contexts[0] == ("Question: Juan and LaKeisha roll a few objects down a ramp. They want to see which "
-                               "object rolls the farthest. What should they do so they can repeat their "
-                               "investigation?\nAnswer:")
+    assert req.contexts[0] == (
+        "Question: Juan and LaKeisha roll a few objects down a ramp. They want to see which "
+        "object rolls the farthest. What should they do so they can repeat their "
+        "investigation?\nAnswer:"
+    )
     assert req.continuations[3] == " Record the details of the investigation."
     assert req.gold == 3
 
@@ -104,29 +131,39 @@ def test_golden_boolq():
     ex, req = first("boolq")
     passage = ex.raw["passage"]
     assert passage.startswith("All biomass goes through at least some of these steps")
-    assert req.contexts[0] == passage + "\nQuestion: does ethanol take more energy make that produces?\nAnswer:"
+    assert (
+        req.contexts[0] == passage + "\nQuestion: does ethanol take more energy make that produces?\nAnswer:"
+    )
     assert req.continuations == (" no", " yes") and req.gold == 0
 
 
 def test_golden_hellaswag():
     ex, req = first("hellaswag")
     assert req.contexts[0] == "Roof shingle removal: A man is sitting on a roof. He"
-    assert req.continuations == (" is using wrap to wrap a pair of skis.", " is ripping level tiles off.",
-                                 " is holding a rubik's cube.", " starts pulling up roofing on a roof.")
+    assert req.continuations == (
+        " is using wrap to wrap a pair of skis.",
+        " is ripping level tiles off.",
+        " is holding a rubik's cube.",
+        " starts pulling up roofing on a roof.",
+    )
     assert req.gold == 3
 
 
 def test_golden_hellaswag_preprocess():
     from slim_peft.tasks import hellaswag_preprocess
 
-    assert hellaswag_preprocess(" How to dry a towel [title] Hang it [step] up.  Then ") == \
-        "How to dry a towel. Hang it up. Then"
+    assert (
+        hellaswag_preprocess(" How to dry a towel [title] Hang it [step] up.  Then ")
+        == "How to dry a towel. Hang it up. Then"
+    )
 
 
 def test_golden_openbookqa():
     ex, req = first("openbookqa")
-    assert req.contexts[0] == ("Frilled sharks and angler fish live far beneath the surface of the ocean, which "
-                               "is why they are known as")
+    assert req.contexts[0] == (
+        "Frilled sharks and angler fish live far beneath the surface of the ocean, which "
+        "is why they are known as"
+    )
     assert req.continuations == (" Deep sea animals", " fish", " Long Sea Fish", " Far Sea Animals")
     assert req.gold == 0
 
@@ -134,39 +171,49 @@ def test_golden_openbookqa():
 def test_golden_piqa():
     ex, req = first("piqa")
     assert req.contexts[0] == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
-    assert req.continuations[1] == (" Provide the guinea pig with a cage full of a few inches of bedding made of "
-                                    "ripped jeans material, you will also need to supply it with a water bottle "
-                                    "and a food dish.")
+    assert req.continuations[1] == (
+        " Provide the guinea pig with a cage full of a few inches of bedding made of "
+        "ripped jeans material, you will also need to supply it with a water bottle "
+        "and a food dish."
+    )
     assert req.gold == 0
 
 
 def test_golden_social_iqa():
     ex, req = first("social_iqa")
-    assert req.contexts[0] == ("Q: Tracy didn't go home that evening and resisted Riley's attacks. "
-                               "What does Tracy need to do before this?\nA:")
+    assert req.contexts[0] == (
+        "Q: Tracy didn't go home that evening and resisted Riley's attacks. "
+        "What does Tracy need to do before this?\nA:"
+    )
     assert req.continuations == (" make a new plan", " Go home and see Riley", " Find somewhere to go")
     assert req.gold == 2
 
 
 def test_golden_commonsense_qa():
     ex, req = first("commonsense_qa")
-    assert req.contexts[0] == ("Question: A revolving door is convenient for two direction travel, but it also "
-                               "serves as a security measure at a what?\nA. bank\nB. library\nC. department store"
-                               "\nD. mall\nE. new york\nAnswer:")
+    assert req.contexts[0] == (
+        "Question: A revolving door is convenient for two direction travel, but it also "
+        "serves as a security measure at a what?\nA. bank\nB. library\nC. department store"
+        "\nD. mall\nE. new york\nAnswer:"
+    )
     assert req.continuations == (" A", " B", " C", " D", " E") and req.gold == 0
 
 
 def test_golden_winogrande_partial_scoring():
     ex, req = first("winogrande")
-    assert req.contexts == ("Sarah was a much better surgeon than Maria so Sarah",
-                            "Sarah was a much better surgeon than Maria so Maria")
+    assert req.contexts == (
+        "Sarah was a much better surgeon than Maria so Sarah",
+        "Sarah was a much better surgeon than Maria so Maria",
+    )
     assert req.continuations == (" always got the easier cases.", " always got the easier cases.")
     assert req.gold == 1
 
 
 def test_golden_sciq():
     ex, req = first("sciq")
-    assert req.contexts[0] == "\nQuestion: Who proposed the theory of evolution by natural selection?\nAnswer:"
+    assert (
+        req.contexts[0] == "\nQuestion: Who proposed the theory of evolution by natural selection?\nAnswer:"
+    )
     assert req.continuations == (" Linnaeus", " shaw", " Scopes", " darwin") and req.gold == 3
 
 
@@ -188,23 +235,30 @@ def test_golden_basic_arithmetic():
 
 def test_golden_mmlu():
     ex, req = first("mmlu")
-    assert req.contexts[0] == ("The following are multiple choice questions (with answers) about abstract algebra."
-                               "\n\nFind the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) "
-                               "over Q.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:")
+    assert req.contexts[0] == (
+        "The following are multiple choice questions (with answers) about abstract algebra."
+        "\n\nFind the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) "
+        "over Q.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:"
+    )
     assert req.continuations == (" A", " B", " C", " D") and req.gold == 1
     ex, req = first("mmlu_high_school_biology")
-    assert req.contexts[0].startswith("The following are multiple choice questions (with answers) about high "
-                                      "school biology.\n\n")
+    assert req.contexts[0].startswith(
+        "The following are multiple choice questions (with answers) about high school biology.\n\n"
+    )
 
 
 def test_golden_letter_format():
     ex, _ = first("arc_easy")
-    assert letter_prompt(ex) == ("Which technology was developed most recently?\nA. cellular telephone\n"
-                                 "B. television\nC. refrigerator\nD. airplane\n" + DEFAULT_LETTER_INSTRUCTION)
+    assert letter_prompt(ex) == (
+        "Which technology was developed most recently?\nA. cellular telephone\n"
+        "B. television\nC. refrigerator\nD. airplane\n" + DEFAULT_LETTER_INSTRUCTION
+    )
     assert letter_target(ex) == "A"
     ex, _ = first("social_iqa")
-    assert letter_prompt(ex).startswith("Tracy didn't go home that evening and resisted Riley's attacks.\n\n"
-                                        "What does Tracy need to do before this?\nA. make a new plan\n")
+    assert letter_prompt(ex).startswith(
+        "Tracy didn't go home that evening and resisted Riley's attacks.\n\n"
+        "What does Tracy need to do before this?\nA. make a new plan\n"
+    )
     assert letter_target(ex) == "C"
 
 
@@ -250,11 +304,15 @@ def test_split_is_pinned():
 
 def test_splits_are_stable_across_processes_and_hash_seeds():
     here = _test_ids("arc_easy")
-    code = ("from slim_peft.tasks import get_task; import json; "
-            "print(json.dumps([e.id for e in get_task('arc_easy').examples('test')]))")
+    code = (
+        "from slim_peft.tasks import get_task; import json; "
+        "print(json.dumps([e.id for e in get_task('arc_easy').examples('test')]))"
+    )
     for seed in ("0", "4242"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
         assert json.loads(out.stdout.strip().splitlines()[-1]) == here
 
 
@@ -294,12 +352,22 @@ def _write(tmp_path, lines, name="mytask.jsonl"):
 
 
 def test_jsonl_task_registers_and_renders(tmp_path):
-    path = _write(tmp_path, [
-        json.dumps({"question": "2 + 2 =", "choices": ["3", "4"], "label": 1}),
-        "",
-        json.dumps({"question": "Sky colour?", "choices": ["blue", "red", "green"], "label": 0,
-                    "context": "Look up.", "id": "q2"}),
-    ])
+    path = _write(
+        tmp_path,
+        [
+            json.dumps({"question": "2 + 2 =", "choices": ["3", "4"], "label": 1}),
+            "",
+            json.dumps(
+                {
+                    "question": "Sky colour?",
+                    "choices": ["blue", "red", "green"],
+                    "label": 0,
+                    "context": "Look up.",
+                    "id": "q2",
+                }
+            ),
+        ],
+    )
     task = register_jsonl_task(path)
     assert task.name == "mytask" and get_task("mytask") is task and task.sample_type == 1
     exs = task.examples("full")
@@ -311,19 +379,22 @@ def test_jsonl_task_registers_and_renders(tmp_path):
     assert task.chance == pytest.approx((1 / 2 + 1 / 3) / 2)
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"choices": ["a", "b"], "label": 0}', "line 2.*missing field 'question'"),
-    ('{"question": "q", "label": 0}', "line 2.*missing field 'choices'"),
-    ('{"question": "q", "choices": ["a", "b"]}', "line 2.*missing field 'label'"),
-    ('{"question": "q", "choices": "ab", "label": 0}', "line 2.*'choices' must be a list"),
-    ('{"question": "q", "choices": ["a", 3], "label": 0}', r"line 2.*'choices'\[1\]"),
-    ('{"question": "q", "choices": ["a", "b"], "label": 2}', "line 2.*'label' = 2 is out of range"),
-    ('{"question": "q", "choices": ["a", "b"], "label": "1"}', "line 2.*'label' must be an integer"),
-    ('{"question": "", "choices": ["a", "b"], "label": 0}', "line 2.*'question' must be a non-empty"),
-    ('{"question": "q", "choices": ["a", "b"], "label": 0, "context": 5}', "line 2.*'context'"),
-    ('{"question": "q", "choices": ["a", "b"], "label": 0', "line 2.*not valid JSON"),
-    ('["q", ["a", "b"], 0]', "line 2.*expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"choices": ["a", "b"], "label": 0}', "line 2.*missing field 'question'"),
+        ('{"question": "q", "label": 0}', "line 2.*missing field 'choices'"),
+        ('{"question": "q", "choices": ["a", "b"]}', "line 2.*missing field 'label'"),
+        ('{"question": "q", "choices": "ab", "label": 0}', "line 2.*'choices' must be a list"),
+        ('{"question": "q", "choices": ["a", 3], "label": 0}', r"line 2.*'choices'\[1\]"),
+        ('{"question": "q", "choices": ["a", "b"], "label": 2}', "line 2.*'label' = 2 is out of range"),
+        ('{"question": "q", "choices": ["a", "b"], "label": "1"}', "line 2.*'label' must be an integer"),
+        ('{"question": "", "choices": ["a", "b"], "label": 0}', "line 2.*'question' must be a non-empty"),
+        ('{"question": "q", "choices": ["a", "b"], "label": 0, "context": 5}', "line 2.*'context'"),
+        ('{"question": "q", "choices": ["a", "b"], "label": 0', "line 2.*not valid JSON"),
+        ('["q", ["a", "b"], 0]', "line 2.*expected a JSON object"),
+    ],
+)
 def test_jsonl_errors_name_line_and_field(tmp_path, line, message):
     good = json.dumps({"question": "q", "choices": ["a", "b"], "label": 0})
     path = _write(tmp_path, [good, line], name="bad.jsonl")

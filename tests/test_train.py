@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -324,18 +325,22 @@ def _run_child(*args: str, timeout: float = 120) -> None:
 
 
 def _kill_after_hang(*args: str, timeout: float = 120) -> None:
+    errors = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty child never blocks on it
     proc = subprocess.Popen([sys.executable, str(HERE), "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, env=child_env(), text=True)
+                            stderr=errors, env=child_env(), text=True)
     deadline = time.time() + timeout
     try:
         for line in proc.stdout:  # type: ignore[union-attr]
             if line.startswith("HANG") or time.time() > deadline:
                 break
+        errors.seek(0)
+        assert proc.poll() is None, f"the child ended before the kill: {errors.read()[-2000:]}"
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.mark.parametrize("method,dropout", [("lora", 0.1), ("slim", 0.0)])

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from slim_peft.tasks import (
     Example,
@@ -60,7 +59,7 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
         context = context[:-n_spaces]
     whole = encode_text(tokenizer, context + continuation)
     context_ids = encode_text(tokenizer, context)
-    return context_ids, whole[len(context_ids):]
+    return context_ids, whole[len(context_ids) :]
 
 
 # ============================================================================ token-tree packing
@@ -115,7 +114,9 @@ def _truncate(ctx: list[int], cont: list[int], max_length: int) -> tuple[list[in
         return ctx, cont
     keep = max_length + 1 - len(cont)
     if keep < 1:
-        raise ValueError(f"a continuation of {len(cont)} tokens does not fit the model's {max_length} positions")
+        raise ValueError(
+            f"a continuation of {len(cont)} tokens does not fit the model's {max_length} positions"
+        )
     return ctx[-keep:], cont
 
 
@@ -140,8 +141,13 @@ def _adapter_model_class() -> type | None:
     return AdapterModel
 
 
-def _selected_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     position_ids: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+def _selected_logits(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    positions: torch.Tensor,
+) -> torch.Tensor:
     """fp32 LM-head logits at the True entries of ``positions`` ([B, S]) in row-major order.
 
     Accepts an :class:`~slim_peft.model.AdapterModel`, a PEFT model or a plain transformers causal LM; the
@@ -150,9 +156,13 @@ def _selected_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     kwargs = {} if position_ids is None else {"position_ids": position_ids}
     adapter_cls = _adapter_model_class()
     if adapter_cls is not None and isinstance(model, adapter_cls):
-        return model(input_ids=input_ids, attention_mask=attention_mask, logits_mask=positions, **kwargs).logits
+        return model(
+            input_ids=input_ids, attention_mask=attention_mask, logits_mask=positions, **kwargs
+        ).logits
     decoder = model.get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+    ).last_hidden_state
     return model.get_output_embeddings()(hidden[positions]).float()
 
 
@@ -204,8 +214,13 @@ def _plan_rows(sizes: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def score_requests(model: Any, groups: Sequence[Sequence[tuple[list[int], list[int]]]], batch_size: int = 16,
-                   pack: bool = True, row_tokens: int = 128) -> list[list[float]]:
+def score_requests(
+    model: Any,
+    groups: Sequence[Sequence[tuple[list[int], list[int]]]],
+    batch_size: int = 16,
+    pack: bool = True,
+    row_tokens: int = 128,
+) -> list[list[float]]:
     """Summed log-probs of each continuation given its context, for groups of token sequences.
 
     ``groups[q]`` holds the (context_ids, continuation_ids) pairs of one question; the result has the same
@@ -223,20 +238,25 @@ def score_requests(model: Any, groups: Sequence[Sequence[tuple[list[int], list[i
         for members in _plan_rows(sizes, max(row_tokens, max(sizes, default=0))):
             flat = [seq for q in members for seq in seqs_of[q]]
             if flat:
-                rows.append(_Row([(q, 0, len(seqs_of[q])) for q in members], pack_sequences(flat), len(members)))
+                rows.append(
+                    _Row([(q, 0, len(seqs_of[q])) for q in members], pack_sequences(flat), len(members))
+                )
     else:
-        rows = [_Row([(q, s, 1)], pack_sequences([seq]), 1) for q, seqs in enumerate(seqs_of)
-                for s, seq in enumerate(seqs)]
+        rows = [
+            _Row([(q, s, 1)], pack_sequences([seq]), 1)
+            for q, seqs in enumerate(seqs_of)
+            for s, seq in enumerate(seqs)
+        ]
     out: list[list[float]] = [[0.0] * len(seqs) for seqs in groups]
     rows.sort(key=lambda r: -len(r.tree))
     device, dtype = _model_device(model), _model_dtype(model)
     with torch.inference_mode():
         for batch in _batches(rows, batch_size):
             sums = _score_batch(model, [r.tree for r in batch], pack, device, dtype)
-            for row, row_sums in zip(batch, sums):
+            for row, row_sums in zip(batch, sums, strict=True):
                 k = 0
                 for q, first, n in row.members:
-                    out[q][first:first + n] = row_sums[k:k + n]
+                    out[q][first : first + n] = row_sums[k : k + n]
                     k += n
     return out
 
@@ -257,8 +277,9 @@ def _batches(rows: list[_Row], max_questions: int) -> list[list[_Row]]:
     return batches
 
 
-def _score_batch(model: Any, packed: list[PackedGroup], tree_mask: bool, device: torch.device,
-                 dtype: torch.dtype) -> list[list[float]]:
+def _score_batch(
+    model: Any, packed: list[PackedGroup], tree_mask: bool, device: torch.device, dtype: torch.dtype
+) -> list[list[float]]:
     """One forward over padded rows; per row, the summed log-prob of each of its sequences."""
     size = max(len(g) for g in packed)
     n_rows = len(packed)
@@ -266,8 +287,8 @@ def _score_batch(model: Any, packed: list[PackedGroup], tree_mask: bool, device:
     pos = torch.zeros(n_rows, size, dtype=torch.long)
     need = np.zeros((n_rows, size), dtype=bool)
     for r, g in enumerate(packed):
-        ids[r, :len(g)] = torch.tensor(g.tokens)
-        pos[r, :len(g)] = torch.tensor(g.depth)
+        ids[r, : len(g)] = torch.tensor(g.tokens)
+        pos[r, : len(g)] = torch.tensor(g.depth)
         for targets in g.targets:
             need[r, [node for node, _ in targets]] = True
     if tree_mask:
@@ -277,8 +298,9 @@ def _score_batch(model: Any, packed: list[PackedGroup], tree_mask: bool, device:
     else:  # chains only: an ordinary right-padded batch
         mask = (torch.arange(size)[None, :] < torch.tensor([len(g) for g in packed])[:, None]).long()
         position_ids = None
-    logits = _selected_logits(model, ids.to(device), mask.to(device), position_ids,
-                              torch.from_numpy(need).to(device))
+    logits = _selected_logits(
+        model, ids.to(device), mask.to(device), position_ids, torch.from_numpy(need).to(device)
+    )
     return _sequence_sums(logits, packed, need)
 
 
@@ -303,14 +325,14 @@ def _sequence_sums(logits: torch.Tensor, packed: list[PackedGroup], need: np.nda
     sums = torch.zeros(n_seqs, dtype=torch.float64).index_add_(0, torch.tensor(owner), picked)
     out, start = [], 0
     for c in counts:
-        out.append(sums[start:start + c].tolist())
+        out.append(sums[start : start + c].tolist())
         start += c
     return out
 
 
 # ============================================================================ metrics
 def mean_stderr(values: Sequence[float]) -> float | None:
-    """lm-eval's ``mean_stderr``: sample standard deviation / sqrt(n) (= sqrt(p(1-p)/(n-1)) for 0/1 values)."""
+    """lm-eval's ``mean_stderr``: sample std / sqrt(n), i.e. sqrt(p(1-p)/(n-1)) for 0/1 values."""
     n = len(values)
     if n < 2:
         return None
@@ -332,19 +354,23 @@ def _summary(values: dict[str, list[float]]) -> dict[str, float | None]:
 
 
 # ============================================================================ protocols
-def _run_loglik(model: Any, tokenizer: Any, task: Task, examples: list[Example], batch_size: int,
-                pack: bool) -> tuple[dict[str, list[float]], list[dict]]:
+def _run_loglik(
+    model: Any, tokenizer: Any, task: Task, examples: list[Example], batch_size: int, pack: bool
+) -> tuple[dict[str, list[float]], list[dict]]:
     requests = [task.lm_eval_request(ex) for ex in examples]
-    groups = [[encode_pair(tokenizer, c, x) for c, x in zip(r.contexts, r.continuations)] for r in requests]
+    groups = [
+        [encode_pair(tokenizer, c, x) for c, x in zip(r.contexts, r.continuations, strict=True)]
+        for r in requests
+    ]
     lls = score_requests(model, groups, batch_size=batch_size, pack=pack)
     metrics: dict[str, list[float]] = {"acc": []}
     if task.has_acc_norm:
         metrics["acc_norm"] = []
     samples = []
-    for ex, req, ll in zip(examples, requests, lls):
+    for ex, req, ll in zip(examples, requests, lls, strict=True):
         pred = _argmax(ll)
         lengths = [float(len(c)) for c in req.choice_texts]
-        pred_norm = _argmax([v / n for v, n in zip(ll, lengths)])
+        pred_norm = _argmax([v / n for v, n in zip(ll, lengths, strict=True)])
         metrics["acc"].append(float(pred == req.gold))
         if task.has_acc_norm:
             metrics["acc_norm"].append(float(pred_norm == req.gold))
@@ -362,20 +388,27 @@ def letter_requests(tokenizer: Any, ex: Example) -> list[tuple[list[int], list[i
     return out
 
 
-def _run_letter(model: Any, tokenizer: Any, task: Task, examples: list[Example], batch_size: int,
-                pack: bool) -> tuple[dict[str, list[float]], list[dict]]:
+def _run_letter(
+    model: Any, tokenizer: Any, task: Task, examples: list[Example], batch_size: int, pack: bool
+) -> tuple[dict[str, list[float]], list[dict]]:
     groups = [letter_requests(tokenizer, ex) for ex in examples]
     lls = score_requests(model, groups, batch_size=batch_size, pack=pack)
     acc, samples = [], []
-    for ex, ll in zip(examples, lls):
+    for ex, ll in zip(examples, lls, strict=True):
         pred = _argmax(ll)
         acc.append(float(pred == ex.label))
         samples.append({"id": ex.id, "gold": ex.label, "pred": pred, "logprob": ll})
     return {"acc": acc}, samples
 
 
-def generate_greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 16,
-                    batch_size: int = 16, stop: str = "\n") -> list[str]:
+def generate_greedy(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    stop: str = "\n",
+) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded batches sorted by length), cut at ``stop``."""
     encoded = [encode_text(tokenizer, p) for p in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -384,31 +417,40 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_toke
     out = [""] * len(prompts)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             width = max(len(encoded[i]) for i in idx)
             ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for r, i in enumerate(idx):
-                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[r, width - len(encoded[i]):] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id, stop_strings=[stop],
-                                 tokenizer=tokenizer)
+                ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[r, width - len(encoded[i]) :] = 1
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                stop_strings=[stop],
+                tokenizer=tokenizer,
+            )
             for r, i in enumerate(idx):
                 text = tokenizer.decode(gen[r, width:], skip_special_tokens=True)
                 out[i] = text.split(stop)[0]
     return out
 
 
-def _run_generate(model: Any, tokenizer: Any, task: Task, examples: list[Example], batch_size: int,
-                  pack: bool) -> tuple[dict[str, list[float]], list[dict]]:
+def _run_generate(
+    model: Any, tokenizer: Any, task: Task, examples: list[Example], batch_size: int, pack: bool
+) -> tuple[dict[str, list[float]], list[dict]]:
     if not task.supports_generation:
-        raise ValueError(f"task {task.name!r} has no generation form; protocol 'generate' supports "
-                         f"tasks with supports_generation (basic_arithmetic)")
+        raise ValueError(
+            f"task {task.name!r} has no generation form; protocol 'generate' supports "
+            f"tasks with supports_generation (basic_arithmetic)"
+        )
     prompts = [task.lm_eval_request(ex).contexts[0] for ex in examples]
     texts = generate_greedy(model, tokenizer, prompts, batch_size=batch_size)
     em, samples = [], []
-    for ex, text in zip(examples, texts):
+    for ex, text in zip(examples, texts, strict=True):
         em.append(float(text.strip() == ex.answer.strip()))
         samples.append({"id": ex.id, "gold": ex.answer, "generated": text})
     return {"exact_match": em}, samples
@@ -444,10 +486,22 @@ def _primary_metric(task: Task, protocol: str) -> str:
     return task.primary_metric if protocol == "loglik" else "acc"
 
 
-def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str] | str, protocol: str = "loglik",
-             split: str = "test", limit: int | None = None, batch_size: int = 16, seed: int = 0,
-             test_fraction: float | None = None, pack: bool = True, log_samples: bool = False,
-             model_name: str | None = None, adapter: str | None = None, progress: bool = False) -> dict:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[str] | str,
+    protocol: str = "loglik",
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    test_fraction: float | None = None,
+    pack: bool = True,
+    log_samples: bool = False,
+    model_name: str | None = None,
+    adapter: str | None = None,
+    progress: bool = False,
+) -> dict:
     """Evaluate ``model`` on registered tasks (names, or paths of JSONL task files).
 
     Returns a JSON-able dict: run metadata (model, adapter, protocol, split, limit, seed, versions) and, per
@@ -485,19 +539,31 @@ def evaluate(model: Any, tokenizer: Any, tasks: Sequence[str] | str, protocol: s
             metrics = _summary(values)
             primary = _primary_metric(task, protocol)
             entry = {
-                "task": task.name, "protocol": protocol, "metric": primary, "score": metrics[primary],
-                "stderr": metrics[f"{primary}_stderr"], "metrics": metrics, "n": len(examples),
-                "split": task.split_info(split, limit, test_fraction), "seed": seed, "model": meta["model"],
-                "adapter": meta["adapter"], "chance": 0.0 if protocol == "generate" else task.chance,
-                "role": task.role, "sample_type": task.sample_type,
+                "task": task.name,
+                "protocol": protocol,
+                "metric": primary,
+                "score": metrics[primary],
+                "stderr": metrics[f"{primary}_stderr"],
+                "metrics": metrics,
+                "n": len(examples),
+                "split": task.split_info(split, limit, test_fraction),
+                "seed": seed,
+                "model": meta["model"],
+                "adapter": meta["adapter"],
+                "chance": 0.0 if protocol == "generate" else task.chance,
+                "role": task.role,
+                "sample_type": task.sample_type,
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             if log_samples:
                 entry["samples"] = samples
             results["tasks"][task.name] = entry
             if progress:
-                print(f"{task.name}: {primary} {metrics[primary]:.4f} (n={len(examples)}, "
-                      f"{entry['seconds']:.1f} s)", file=sys.stderr)
+                print(
+                    f"{task.name}: {primary} {metrics[primary]:.4f} (n={len(examples)}, "
+                    f"{entry['seconds']:.1f} s)",
+                    file=sys.stderr,
+                )
     finally:
         if was_training:
             model.train()
@@ -515,11 +581,16 @@ def _versions() -> dict[str, str]:
 
 def results_table(results: dict) -> str:
     """A Markdown table of one ``evaluate`` result."""
-    lines = ["| task | metric | score | stderr | acc_norm | n | chance | seconds |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | metric | score | stderr | acc_norm | n | chance | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in results["tasks"].items():
         norm = r["metrics"].get("acc_norm")
-        lines.append(f"| {name} | {r['metric']} | {_fmt(r['score'])} | {_fmt(r['stderr'])} | "
-                     f"{_fmt(norm) if norm is not None else '-'} | {r['n']} | {r['chance']:.3f} | {r['seconds']:.1f} |")
+        lines.append(
+            f"| {name} | {r['metric']} | {_fmt(r['score'])} | {_fmt(r['stderr'])} | "
+            f"{_fmt(norm) if norm is not None else '-'} | {r['n']} | {r['chance']:.3f} | {r['seconds']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -547,9 +618,14 @@ def forgetting_report(base_results: dict, adapted_results: dict, tasks: Sequence
         b, a = base_results["tasks"][name], adapted_results["tasks"][name]
         for key in ("protocol", "metric", "n"):
             if b[key] != a[key]:
-                raise ValueError(f"{name}: base and adapted results differ in {key} ({b[key]} vs {a[key]}); "
-                                 f"compare like with like")
-        if b["split"]["name"] != a["split"]["name"] or b["split"]["test_fraction"] != a["split"]["test_fraction"]:
+                raise ValueError(
+                    f"{name}: base and adapted results differ in {key} ({b[key]} vs {a[key]}); "
+                    f"compare like with like"
+                )
+        if (
+            b["split"]["name"] != a["split"]["name"]
+            or b["split"]["test_fraction"] != a["split"]["test_fraction"]
+        ):
             raise ValueError(f"{name}: base and adapted results were computed on different splits")
         row = _report_row(name, b, a)
         (general if b.get("role", "general") == "general" else downstream).append(row)
@@ -564,16 +640,24 @@ def forgetting_report(base_results: dict, adapted_results: dict, tasks: Sequence
         "downstream": downstream,
         "mean_retention": sum(retentions) / len(retentions) if retentions else None,
         "mean_delta": sum(deltas) / len(deltas) if deltas else None,
-        "mean_downstream_delta": (sum(r["delta"] for r in downstream) / len(downstream)) if downstream else None,
+        "mean_downstream_delta": (sum(r["delta"] for r in downstream) / len(downstream))
+        if downstream
+        else None,
     }
 
 
 def _report_row(name: str, b: dict, a: dict) -> dict:
     bs, as_ = b["stderr"], a["stderr"]
     return {
-        "task": name, "metric": b["metric"], "n": b["n"], "chance": b.get("chance"),
-        "base": b["score"], "adapted": a["score"], "delta": a["score"] - b["score"],
-        "base_stderr": bs, "adapted_stderr": as_,
+        "task": name,
+        "metric": b["metric"],
+        "n": b["n"],
+        "chance": b.get("chance"),
+        "base": b["score"],
+        "adapted": a["score"],
+        "delta": a["score"] - b["score"],
+        "base_stderr": bs,
+        "adapted_stderr": as_,
         "delta_stderr": math.sqrt(bs**2 + as_**2) if bs is not None and as_ is not None else None,
         "retention": a["score"] / b["score"] if b["score"] else None,
     }
@@ -587,21 +671,36 @@ def forgetting_markdown(report: dict) -> str:
     def table(rows: list[dict]) -> list[str]:
         return [head, sep] + [
             f"| {r['task']} | {r['metric']} | {r['n']} | {_fmt(r['base'])} ± {_fmt(r['base_stderr'])} | "
-            f"{_fmt(r['adapted'])} ± {_fmt(r['adapted_stderr'])} | {r['delta']:+.4f} | {_fmt(r['delta_stderr'])} | "
-            f"{_fmt(r['retention'], 3)} |" for r in rows]
+            f"{_fmt(r['adapted'])} ± {_fmt(r['adapted_stderr'])} | {r['delta']:+.4f} | "
+            f"{_fmt(r['delta_stderr'])} | "
+            f"{_fmt(r['retention'], 3)} |"
+            for r in rows
+        ]
 
     lines = [
-        "# Forgetting report", "",
+        "# Forgetting report",
+        "",
         f"base: {report['base']['model']} (adapter: {report['base']['adapter']}); adapted: "
-        f"{report['adapted']['model']} (adapter: {report['adapted']['adapter']}); protocol {report['protocol']}, "
-        f"split {report['split']}.", "",
-        "## General tasks (what is kept)", "", *table(report["general"]), "",
+        f"{report['adapted']['model']} (adapter: {report['adapted']['adapter']}); "
+        f"protocol {report['protocol']}, "
+        f"split {report['split']}.",
+        "",
+        "## General tasks (what is kept)",
+        "",
+        *table(report["general"]),
+        "",
         f"Mean retention (adapted / base): **{_fmt(report['mean_retention'], 3)}**; "
         f"mean delta {_fmt(report['mean_delta'])}.",
     ]
     if report["downstream"]:
-        lines += ["", "## Downstream tasks (what is learned)", "", *table(report["downstream"]), "",
-                  f"Mean downstream delta: {_fmt(report['mean_downstream_delta'])}."]
+        lines += [
+            "",
+            "## Downstream tasks (what is learned)",
+            "",
+            *table(report["downstream"]),
+            "",
+            f"Mean downstream delta: {_fmt(report['mean_downstream_delta'])}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -617,18 +716,36 @@ def plot_forgetting(report: dict, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * n + 2), 4.0))
     x = np.arange(n)
     w = 0.38
-    ax.bar(x - w / 2, [r["base"] for r in rows], w, yerr=[r["base_stderr"] or 0 for r in rows], label="base",
-           color="#8c9fb5", capsize=3)
-    ax.bar(x + w / 2, [r["adapted"] for r in rows], w, yerr=[r["adapted_stderr"] or 0 for r in rows],
-           label="adapted", color="#d9822b", capsize=3)
+    ax.bar(
+        x - w / 2,
+        [r["base"] for r in rows],
+        w,
+        yerr=[r["base_stderr"] or 0 for r in rows],
+        label="base",
+        color="#8c9fb5",
+        capsize=3,
+    )
+    ax.bar(
+        x + w / 2,
+        [r["adapted"] for r in rows],
+        w,
+        yerr=[r["adapted_stderr"] or 0 for r in rows],
+        label="adapted",
+        color="#d9822b",
+        capsize=3,
+    )
     for i, r in enumerate(rows):
         if r.get("chance") is not None:
             ax.hlines(r["chance"], i - 0.45, i + 0.45, colors="k", linestyles="dotted", linewidth=1)
     if report["downstream"] and report["general"]:
         ax.axvline(len(report["general"]) - 0.5, color="grey", linewidth=0.8)
     ax.set_xticks(x)
-    ax.set_xticklabels([r["task"] + ("" if i < len(report["general"]) else "\n(downstream)")
-                        for i, r in enumerate(rows)], rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels(
+        [r["task"] + ("" if i < len(report["general"]) else "\n(downstream)") for i, r in enumerate(rows)],
+        rotation=30,
+        ha="right",
+        fontsize=8,
+    )
     ax.set_ylabel("score")
     ax.set_ylim(0, 1)
     title = "base vs adapted (dotted: chance)"
@@ -648,7 +765,11 @@ def write_forgetting_report(report: dict, prefix: str | Path) -> dict[str, Path]
     """Write ``<prefix>.md``, ``<prefix>.json`` and ``<prefix>.png``; returns the paths."""
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    paths = {"md": prefix.with_suffix(".md"), "json": prefix.with_suffix(".json"), "png": prefix.with_suffix(".png")}
+    paths = {
+        "md": prefix.with_suffix(".md"),
+        "json": prefix.with_suffix(".json"),
+        "png": prefix.with_suffix(".png"),
+    }
     paths["md"].write_text(forgetting_markdown(report))
     paths["json"].write_text(json.dumps(report, indent=2))
     plot_forgetting(report, paths["png"])
@@ -658,28 +779,54 @@ def write_forgetting_report(report: dict, prefix: str | Path) -> dict[str, Path]
 # ============================================================================ command line
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``slim-peft eval``."""
-    parser.add_argument("--tasks", required=True,
-                        help="comma-separated task names (e.g. arc_easy,piqa,mmlu) or paths of JSONL task files")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="loglik",
-                        help="loglik (lm-eval multiple choice), letter (option letter), generate (exact match)")
-    parser.add_argument("--split", choices=("train", "test", "full"), default="test",
-                        help="hash-based train/test part, or the full file in file order (default: test)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="first N examples of the split in file order (per subject for mmlu), as lm-eval")
+    parser.add_argument(
+        "--tasks",
+        required=True,
+        help="comma-separated task names (e.g. arc_easy,piqa,mmlu) or paths of JSONL task files",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="loglik",
+        help="loglik (lm-eval multiple choice), letter (option letter), generate (exact match)",
+    )
+    parser.add_argument(
+        "--split",
+        choices=("train", "test", "full"),
+        default="test",
+        help="hash-based train/test part, or the full file in file order (default: test)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="first N examples of the split in file order (per subject for mmlu), as lm-eval",
+    )
     parser.add_argument("--test-fraction", type=float, default=None, help="override the task's test fraction")
-    parser.add_argument("--model", default=None, help="base model: 'smollm2-135m' (default), a local dir or HF id")
+    parser.add_argument(
+        "--model", default=None, help="base model: 'smollm2-135m' (default), a local dir or HF id"
+    )
     parser.add_argument("--adapter", default=None, help="adapter directory saved by slim-peft (or PEFT LoRA)")
     parser.add_argument("--batch-size", type=int, default=16, help="questions per forward pass (default 16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps ...")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--no-pack", action="store_true",
-                        help="one row per (context, choice) pair instead of one token tree per question")
+    parser.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="one row per (context, choice) pair instead of one token tree per question",
+    )
     parser.add_argument("--output", default=None, help="write the results JSON here")
-    parser.add_argument("--log-samples", action="store_true", help="include per-example predictions in the JSON")
-    parser.add_argument("--forgetting-base", default=None, metavar="BASE_JSON",
-                        help="results JSON of the base model: also write a forgetting report (.md/.json/.png) "
-                             "next to --output")
+    parser.add_argument(
+        "--log-samples", action="store_true", help="include per-example predictions in the JSON"
+    )
+    parser.add_argument(
+        "--forgetting-base",
+        default=None,
+        metavar="BASE_JSON",
+        help="results JSON of the base model: also write a forgetting report (.md/.json/.png) "
+        "next to --output",
+    )
 
 
 def _device(name: str) -> str:
@@ -688,12 +835,15 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model_for_eval(model: str | None, adapter: str | None, dtype: str = "float32",
-                        device: str = "auto") -> tuple[Any, Any]:
+def load_model_for_eval(
+    model: str | None, adapter: str | None, dtype: str = "float32", device: str = "auto"
+) -> tuple[Any, Any]:
     """(model, tokenizer): the base model (embedded by default) with an optional adapter loaded."""
     from slim_peft.assets import EMBEDDED_MODEL, load_base_model
 
-    base, tokenizer = load_base_model(model or EMBEDDED_MODEL, dtype=getattr(torch, dtype), device=_device(device))
+    base, tokenizer = load_base_model(
+        model or EMBEDDED_MODEL, dtype=getattr(torch, dtype), device=_device(device)
+    )
     if adapter is None:
         return base, tokenizer
     try:
@@ -707,10 +857,21 @@ def eval_command(args: argparse.Namespace) -> int:
     """``slim-peft eval``: evaluate, print a table, write the JSON (and a forgetting report)."""
     try:
         model, tokenizer = load_model_for_eval(args.model, args.adapter, args.dtype, args.device)
-        results = evaluate(model, tokenizer, args.tasks, protocol=args.protocol, split=args.split, limit=args.limit,
-                           batch_size=args.batch_size, seed=args.seed, test_fraction=args.test_fraction,
-                           pack=not args.no_pack, log_samples=args.log_samples, adapter=args.adapter,
-                           progress=True)
+        results = evaluate(
+            model,
+            tokenizer,
+            args.tasks,
+            protocol=args.protocol,
+            split=args.split,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            test_fraction=args.test_fraction,
+            pack=not args.no_pack,
+            log_samples=args.log_samples,
+            adapter=args.adapter,
+            progress=True,
+        )
     except (KeyError, ValueError, FileNotFoundError) as e:
         print(f"slim-peft eval: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2

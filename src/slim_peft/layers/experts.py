@@ -1,21 +1,36 @@
 """A bank of E LoRA experts stored stacked (A: E x r x d_in, B: E x d_out x r), the dispatch that applies a
 per-token mixture of them, and the drop-and-rescale masks of dynamic merging.
 
-Two dispatch paths compute the same thing, sum_e g[t, e] B_e A_e x_t:
+Two dispatch paths compute the same thing, out_t + sum_e g[t, e] B_e A_e x_t, with no host synchronisation:
 - dense: one matmul against the concatenated A of all experts (T x E r), gate, one matmul against the
-  concatenated B. Cheapest when the total rank E r is small: no gathers, no host synchronisation.
-- grouped: (token, expert) pairs sorted by expert, each expert applied to its own tokens only. Cheapest
-  when E r is large compared with the k r that each token needs.
+  concatenated B that accumulates straight into `out` (addmm). No gathers; costs E r per token.
+- grouped: the (token, expert) pairs sorted by expert (identity ids last), each expert applied to its own
+  rows with `torch._grouped_mm` (offsets stay on the device), scattered back with index_add. Costs K r per
+  token plus a gather of x and a scatter of the outputs. Identity picks go to an appended all-zero expert,
+  which keeps every shape static (their rows cost one zero expert's work, and add exactly 0).
+  Where `_grouped_mm` is missing or refuses the shapes/dtype (it is probed once per device and dtype), a
+  loop over experts runs instead; that fallback reads the per-expert counts on the host (one sync per call).
+
+`dispatch="auto"` rule, measured on this project's 2-core CPU (benchmarks/results/speed.md, "dispatch
+crossover"; T = 1024 rows, d 576 <-> 1536): the gather and scatter of the grouped path cost more than the
+dense path's extra FLOPs until the total rank is large, more so with autograd (their backward is another
+gather and scatter). So: with autograd, dense while E r <= DENSE_MAX_TOTAL_RANK (256); without autograd
+(inference), dense while E r <= DENSE_MAX_TOTAL_RANK_INFERENCE (128) and E <= DENSE_MAX_EXPERTS_PER_PICK K
+(= 4 K; one expert per row, as MixLoRA's pairs, is grouped); grouped otherwise.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 
 from .base import kaiming_uniform_
 
-DENSE_MAX_TOTAL_RANK = 256  # `dispatch="auto"` uses the dense path up to this E * r
+DENSE_MAX_TOTAL_RANK = 256  # `dispatch="auto"` with autograd: dense up to this E * r
+DENSE_MAX_TOTAL_RANK_INFERENCE = 128  # without autograd: dense up to this E * r ...
+DENSE_MAX_EXPERTS_PER_PICK = 4  # ... and while E <= 4 K (dense work E r vs grouped work K r per row)
 
 
 class LoraExpertBank(nn.Module):
@@ -36,53 +51,142 @@ class LoraExpertBank(nn.Module):
         return self.lora_A.shape[1]
 
 
-def dense_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """sum_e gates[t, e] B_e A_e x_t with two matmuls. x: T x d_in, A: E x r x d_in, B: E x d_out x r,
-    gates: T x E (zero for unselected experts)."""
-    E, r, d_in = A.shape
-    u = x @ A.reshape(E * r, d_in).t()  # T x E r
-    u = (u.view(-1, E, r) * gates.unsqueeze(-1).to(u.dtype)).view(-1, E * r)
-    return u @ B.permute(0, 2, 1).reshape(E * r, -1)  # (E r) x d_out
-
-
-def grouped_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
-                    expert_w: torch.Tensor) -> torch.Tensor:
-    """Same sum over the selected (token, expert) pairs only. expert_idx: T x K ids; ids >= E (identity
-    experts) are skipped; expert_w: T x K weights. One host synchronisation (the per-expert counts)."""
-    E = A.shape[0]
-    T, K = expert_idx.shape
-    flat_e = expert_idx.reshape(-1)
-    order = torch.argsort(flat_e, stable=True)
-    counts = torch.bincount(flat_e.clamp(max=E), minlength=E + 1)[:E].tolist()
-    token = order // K
-    out = x.new_zeros(T, B.shape[1])
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            sel = token[start:start + n]
-            w = expert_w.reshape(-1)[order[start:start + n]].unsqueeze(-1).to(x.dtype)
-            out.index_add_(0, sel, ((x[sel] @ A[e].t()) @ B[e].t()) * w)
-        start += n
-    return out
-
+# --- dense path ------------------------------------------------------------------------------------------
 
 def dense_gates(expert_idx: torch.Tensor, expert_w: torch.Tensor, num_lora_experts: int) -> torch.Tensor:
-    """T x E_L gate matrix from top-k ids/weights; weight given to ids >= E_L (identity experts) is dropped."""
-    T, K = expert_idx.shape
-    gates = expert_w.new_zeros(T, num_lora_experts + K)  # spare columns absorb identity picks
-    idx = torch.where(expert_idx < num_lora_experts, expert_idx, num_lora_experts + torch.arange(
-        K, device=expert_idx.device).expand(T, K))
-    gates.scatter_(1, idx, expert_w)
+    """T x E_L gate matrix from top-k ids/weights (repeated ids add up); weight given to ids >= E_L (identity
+    experts) is dropped."""
+    T, _ = expert_idx.shape
+    gates = expert_w.new_zeros(T, num_lora_experts + 1)  # the spare column absorbs identity picks
+    gates.scatter_add_(1, expert_idx.clamp(max=num_lora_experts), expert_w)
     return gates[:, :num_lora_experts]
 
 
+def dense_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """out + sum_e gates[t, e] B_e A_e x_t with two matmuls, the second accumulating into `out` (addmm).
+    x: T x d_in, A: E x r x d_in, B: E x d_out x r, gates: T x E (zero for unselected experts)."""
+    E, r, d_in = A.shape
+    u = x @ A.reshape(E * r, d_in).t()  # T x E r
+    u = (u.view(-1, E, r) * gates.unsqueeze(-1).to(u.dtype)).view(-1, E * r)
+    b_cat = B.transpose(1, 2).reshape(E * r, -1)  # (E r) x d_out
+    return u @ b_cat if out is None else torch.addmm(out, u, b_cat)
+
+
+# --- grouped path ----------------------------------------------------------------------------------------
+
+def sort_pairs(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, token, offsets) of the T K (token, expert) pairs sorted by expert: `order` indexes the
+    flattened pairs, `token` is each sorted pair's token, `offsets` (E + 1, int32, on the device) the end
+    of each expert's rows; ids >= num_experts (identity) form the last group. No host synchronisation."""
+    K = expert_idx.shape[1]
+    flat = expert_idx.reshape(-1).clamp(max=num_experts)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    bounds = torch.arange(num_experts + 1, device=flat.device, dtype=sorted_ids.dtype)
+    offsets = torch.searchsorted(sorted_ids, bounds, right=True).to(torch.int32)
+    return order, order // K, offsets
+
+
+@functools.cache
+def grouped_mm_available(device: str, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs forward and backward correctly on this device and dtype (probed
+    once with a tiny problem)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(12, 16, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        w = torch.randn(3, 16, 8, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        offsets = torch.tensor([4, 4, 12], device=device, dtype=torch.int32)
+        y = torch._grouped_mm(x, w, offs=offsets)
+        y.float().square().sum().backward()
+        ref = torch.cat([x[:4] @ w[0], x[4:] @ w[2]])
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        return bool(torch.allclose(y.float(), ref.float(), atol=tol, rtol=tol)) and w.grad is not None
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _grouped_mm_fits(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """`_grouped_mm` needs 16-byte aligned strides: d_in, d_out and r multiples of 16 / element size."""
+    if x.dtype != A.dtype or A.dtype != B.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    step = 16 // x.element_size()
+    if any(n % step for n in (A.shape[1], A.shape[2], B.shape[1])):
+        return False
+    return grouped_mm_available(str(x.device), x.dtype)
+
+
+def _with_zero_expert(W: torch.Tensor) -> torch.Tensor:
+    """W with an all-zero expert appended (the group that identity picks land in)."""
+    return torch.cat([W, W.new_zeros(1, *W.shape[1:])])
+
+
+def grouped_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
+                    expert_w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out + sum over the selected (token, expert) pairs of w B_e A_e x_t. expert_idx: T x K ids; ids >= E
+    (identity experts) add nothing; expert_w: T x K weights. Sync-free with `torch._grouped_mm`, else
+    `grouped_mixture_loop`."""
+    if not _grouped_mm_fits(x, A, B):
+        return grouped_mixture_loop(x, A, B, expert_idx, expert_w, out)
+    E = A.shape[0]
+    order, token, offsets = sort_pairs(expert_idx, E)
+    u = torch._grouped_mm(x.index_select(0, token), _with_zero_expert(A).transpose(1, 2), offs=offsets)
+    u = u * expert_w.reshape(-1).index_select(0, order).unsqueeze(-1).to(u.dtype)
+    y = torch._grouped_mm(u, _with_zero_expert(B).transpose(1, 2), offs=offsets)
+    if out is None:
+        out = y.new_zeros(x.shape[0], B.shape[1])
+    return out.index_add(0, token, y)
+
+
+def grouped_mixture_loop(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
+                         expert_w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same result with a Python loop over experts; reads the per-expert counts on the host (one
+    synchronisation per call). The fallback where `_grouped_mm` cannot run, and a reference in tests."""
+    E = A.shape[0]
+    order, token, offsets = sort_pairs(expert_idx, E)
+    bounds = [0] + offsets.tolist()
+    w_sorted = expert_w.reshape(-1).index_select(0, order).unsqueeze(-1)
+    y = x.new_zeros(order.shape[0], B.shape[1])
+    parts = []
+    for e in range(E):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            xe = x.index_select(0, token[lo:hi])
+            parts.append(((xe @ A[e].t()) * w_sorted[lo:hi].to(x.dtype)) @ B[e].t())
+        else:
+            parts.append(y[lo:hi])
+    parts.append(y[bounds[E]:])  # identity pairs: zero rows
+    y = torch.cat(parts)
+    if out is None:
+        out = y.new_zeros(x.shape[0], B.shape[1])
+    return out.index_add(0, token, y)
+
+
+# --- dispatch ---------------------------------------------------------------------------------------------
+
+def choose_dispatch(num_experts: int, r: int, top_k: int, dispatch: str = "auto", grad: bool = True) -> str:
+    """"dense" or "grouped" for `dispatch` ("auto": the measured rule of the module docstring; `grad`:
+    whether autograd records the call)."""
+    if dispatch != "auto":
+        return dispatch
+    if grad:
+        return "dense" if num_experts * r <= DENSE_MAX_TOTAL_RANK else "grouped"
+    dense = num_experts * r <= DENSE_MAX_TOTAL_RANK_INFERENCE and num_experts <= DENSE_MAX_EXPERTS_PER_PICK * top_k
+    return "dense" if dense else "grouped"
+
+
 def mix_experts(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
-                expert_w: torch.Tensor, dispatch: str = "auto") -> torch.Tensor:
-    """Apply the top-k mixture of the bank's experts to x (T x d_in) by the chosen dispatch path."""
+                expert_w: torch.Tensor, dispatch: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply the top-k mixture of the bank's experts to x (T x d_in) by the chosen dispatch path; with
+    `out` (T x d_out), return out + the mixture (fused into the last matmul when the dtypes agree)."""
     E, r, _ = A.shape
-    if dispatch == "dense" or (dispatch == "auto" and E * r <= DENSE_MAX_TOTAL_RANK):
-        return dense_mixture(x, A, B, dense_gates(expert_idx, expert_w, E))
-    return grouped_mixture(x, A, B, expert_idx, expert_w)
+    if out is not None and out.dtype != x.dtype:
+        return out + mix_experts(x, A, B, expert_idx, expert_w, dispatch).to(out.dtype)
+    grad = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)
+    if choose_dispatch(E, r, expert_idx.shape[1], dispatch, grad) == "dense":
+        return dense_mixture(x, A, B, dense_gates(expert_idx, expert_w, E), out)
+    return grouped_mixture(x, A, B, expert_idx, expert_w, out)
 
 
 # --- dynamic merging: drop-and-rescale masks (method.md SLIM item 7, DARE) ---------------------------
@@ -124,7 +228,7 @@ def drop_rescale_mask(shape: tuple[int, ...], p: float, rescale: bool = True,
 def masked_factors(A: torch.Tensor, B: torch.Tensor, mask_a: torch.Tensor, mask_b: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """A with columns and B with rows zeroed (and rescaled): the fast form never forms B A."""
-    return A * mask_a.unsqueeze(1), B * mask_b.unsqueeze(2)
+    return A * mask_a.unsqueeze(1).to(A.dtype), B * mask_b.unsqueeze(2).to(B.dtype)
 
 
 def exact_dare_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor,

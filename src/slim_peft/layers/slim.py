@@ -22,6 +22,12 @@ Decisions where the paper is silent or garbled (all config fields, see SlimConfi
   batch's per-channel variance); until then (an untrained adapter), d = 0: no yielding.
 - with gradient checkpointing the recomputed forward updates the clusters a second time (a momentum step
   on the same batch); masks are the same in the recomputation because checkpointing restores the RNG.
+
+Speed (issue 7): routing, cluster moves and dispatch stay on the device (no `.item()`/`.tolist()` per layer;
+the one host read is the clusters' one-time initialisation). The nearest centre comes from one matmul
+(||c||^2 - 2 h.c), |h - c_k| is computed once and reused for rho and the variance update, the LoRA scaling
+rides on the routing weights and the mixture accumulates into the base output (addmm / index_add), so no
+extra pass over the T x d_out output. In eval without autograd the masked factors are cached.
 """
 
 from __future__ import annotations
@@ -68,16 +74,27 @@ class SlidingClusters(nn.Module):
         return self._ready
 
     def nearest(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.cdist(h, self.centres).argmin(dim=-1)
+        """Index of the nearest centre (Euclidean): argmin of ||c||^2 - 2 h.c, one T x C matmul."""
+        c = self.centres
+        return torch.addmm(c.square().sum(1), h, c.t(), alpha=-2.0).argmin(dim=-1)
+
+    def deviation(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """|h - c_k| (T x d), a fresh tensor the caller may modify."""
+        return (h - self.centres.index_select(0, k)).abs_()
+
+    def rho_from(self, dev: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """rho from |h - c_k|: max over channels of |h - c_k| / sqrt(v_k + eps)."""
+        inv_std = torch.rsqrt(self.variances + EPS)  # C x d, not T x d
+        return (dev * inv_std.index_select(0, k)).amax(dim=-1)
 
     def rho(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """rho(h) = max over channels |h - c_k| / sqrt(v_k + eps) (method.md item 4)."""
-        return ((h - self.centres[k]).abs() * torch.rsqrt(self.variances[k] + EPS)).amax(dim=-1)
+        return self.rho_from(self.deviation(h, k), k)
 
     @torch.no_grad()
     def initialize(self, h: torch.Tensor, w: torch.Tensor) -> None:
         """Centres: random distinct valid tokens of the first batch; variances: that batch's per-channel
-        variance; tau: the batch's mean rho under these clusters."""
+        variance; tau: the batch's mean rho under these clusters. Reads one count on the host, once."""
         C = self.centres.shape[0]
         n_valid = int(w.sum())
         pick = torch.multinomial(w + 1e-12 * (n_valid == 0), C, replacement=n_valid < C)
@@ -91,28 +108,31 @@ class SlidingClusters(nn.Module):
         self._ready = True
 
     @torch.no_grad()
-    def update(self, h: torch.Tensor, w: torch.Tensor, k: torch.Tensor, rho: torch.Tensor) -> None:
+    def update(self, h: torch.Tensor, w: torch.Tensor, k: torch.Tensor, rho: torch.Tensor,
+               dev: torch.Tensor | None = None) -> None:
         """c <- (1 - m) c + m mean(h), v <- (1 - m) v + m mean((h - c)^2) per non-empty cluster; tau <-
-        (1 - m) tau + m mean(rho). Sums are all-reduced under DDP so every process keeps the same state."""
-        C = self.centres.shape[0]
-        onehot = F.one_hot(k, C).float() * w[:, None]  # T x C
+        (1 - m) tau + m mean(rho). Sums are all-reduced under DDP so every process keeps the same state.
+        `dev` = |h - c_k| when the caller has it (it is squared in place). No host synchronisation."""
+        C, d = self.centres.shape
+        dev = self.deviation(h, k) if dev is None else dev
+        onehot = F.one_hot(k, C).to(h.dtype) * w[:, None]  # T x C
         stats = torch.cat([
             onehot.sum(0)[:, None],  # counts
             onehot.t() @ h,  # sums
-            onehot.t() @ (h - self.centres[k]) ** 2,  # squared deviations
+            onehot.t() @ dev.square_(),  # squared deviations
         ], dim=1)
         rho_stats = torch.stack([(rho * w).sum(), w.sum()])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
             dist.all_reduce(rho_stats)
-        count, sums, sq = stats[:, :1], stats[:, 1:1 + h.shape[1]], stats[:, 1 + h.shape[1]:]
+        count, sums, sq = stats[:, :1], stats[:, 1:1 + d], stats[:, 1 + d:]
         m = self.momentum
         has = count > 0
         n = count.clamp(min=1)
         self.centres.copy_(torch.where(has, (1 - m) * self.centres + m * sums / n, self.centres))
         self.variances.copy_(torch.where(has, (1 - m) * self.variances + m * sq / n, self.variances))
-        if rho_stats[1] > 0:
-            self.tau.mul_(1 - m).add_(m * rho_stats[0] / rho_stats[1])
+        mean_rho = rho_stats[0] / rho_stats[1].clamp(min=1)
+        self.tau.copy_(torch.where(rho_stats[1] > 0, (1 - m) * self.tau + m * mean_rho, self.tau))
 
 
 class SlimRouter(nn.Module):
@@ -131,6 +151,8 @@ class SlimRouter(nn.Module):
         self.clusters = SlidingClusters(cfg.num_clusters, in_features, cfg.cluster_momentum, device=device)
         self.register_buffer("stat_weight", torch.zeros(num_experts, device=device), persistent=False)
         self.register_buffer("stat_tokens", torch.zeros((), device=device), persistent=False)
+        is_lora = (torch.arange(num_experts, device=device) < self.num_lora).float()
+        self.register_buffer("yield_sign", is_lora, persistent=False)  # 1 for LoRA experts, 0 for identity
         self.forced: torch.Tensor | None = None  # E weights given to every token (analysis and tests)
         self.current: tuple[torch.Tensor, torch.Tensor] | None = None  # last routing (block mode)
         self.last_logits: torch.Tensor | None = None
@@ -144,9 +166,10 @@ class SlimRouter(nn.Module):
             return h.new_zeros(h.shape[0])
         with torch.no_grad():
             k = clusters.nearest(h)
-            rho = clusters.rho(h, k)
+            dev = clusters.deviation(h, k)
+            rho = clusters.rho_from(dev, k)
             if self.training:
-                clusters.update(h, w, k, rho)
+                clusters.update(h, w, k, rho, dev)
         d = rho / clusters.tau - 1 if self.cfg.distance == "calibrated" else rho - 1
         return d.clamp(min=0) if self.cfg.yield_clamp else d
 
@@ -162,9 +185,8 @@ class SlimRouter(nn.Module):
             logits = self.router(h)
             if self.cfg.yield_strength > 0:
                 d = self.distance(h.detach(), w)
-                yielding = torch.zeros_like(logits)
-                yielding[:, :self.num_lora] = self.cfg.yield_strength * d[:, None]
-                logits = logits - yielding  # z_i <- z_i - gamma d for LoRA experts (eq. 9, reconstructed)
+                # z_i <- z_i - gamma d for LoRA experts (eq. 9, reconstructed); identity logits unchanged
+                logits = logits - (self.cfg.yield_strength * d)[:, None] * self.yield_sign
             self.last_logits = logits
             idx, weights = top_k_routing(logits, self.cfg.top_k)
         with torch.no_grad():
@@ -207,6 +229,7 @@ class SlimLinear(nn.Module):
         self._shared_router = [router]  # a list, so the shared router is not registered twice
         self.mask_seed = cfg.merge_seed * 1_000_003 + zlib.crc32(name.encode())
         self._fixed_masks: tuple[torch.Tensor, ...] | None = None
+        self._factor_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def router(self) -> SlimRouter:
@@ -232,6 +255,19 @@ class SlimLinear(nn.Module):
             self._fixed_masks = self._draw_masks(torch.Generator().manual_seed(self.mask_seed))
         return self._fixed_masks
 
+    def factors(self, masks: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A', B'): the bank's factors with the fast masks applied; cached while they cannot change (eval,
+        fixed masks, no autograd: generation and evaluation), keyed on the parameters' versions."""
+        A, B = self.experts.lora_A, self.experts.lora_B
+        if masks is None:
+            return A, B
+        if self.training or self.cfg.eval_mask != "fixed" or torch.is_grad_enabled():
+            return masked_factors(A, B, *masks)
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), id(masks))
+        if self._factor_cache is None or self._factor_cache[0] != key:
+            self._factor_cache = (key, masked_factors(A, B, *masks))
+        return self._factor_cache[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         xt = x.reshape(-1, x.shape[-1])
@@ -239,17 +275,17 @@ class SlimLinear(nn.Module):
         if self._shared_router[0] is None:
             router.current = router.route(xt.detach(), self.ctx.flat_mask(xt.shape[0]))
         idx, weights = router.current
-        x_drop = self.lora_dropout(xt.to(self.experts.lora_A.dtype))
-        A, B = self.experts.lora_A, self.experts.lora_B
+        A = self.experts.lora_A
+        x_drop = self.lora_dropout(xt.to(A.dtype))
+        weights = weights * self.scaling  # s rides on the T x K weights, not on the T x d_out output
+        out = result.reshape(-1, result.shape[-1])
         masks = self.masks()
         if masks is not None and len(masks) == 1:  # exact DARE form
             gates = dense_gates(idx, weights, A.shape[0])
-            delta = exact_dare_mixture(x_drop, A, B, gates, masks[0])
+            y = out + exact_dare_mixture(x_drop, A, self.experts.lora_B, gates, masks[0]).to(out.dtype)
         else:
-            if masks is not None:
-                A, B = masked_factors(A, B, *masks)
-            delta = mix_experts(x_drop, A, B, idx, weights, self.cfg.dispatch)
-        return result + (self.scaling * delta).view(*x.shape[:-1], -1).to(result.dtype)
+            y = mix_experts(x_drop, *self.factors(masks), idx, weights, self.cfg.dispatch, out=out)
+        return y.view(result.shape)
 
 
 def _route_block(router: SlimRouter, ctx: ForwardContext):

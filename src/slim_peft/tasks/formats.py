@@ -16,7 +16,9 @@ def letter_prompt(ex: Example, instruction: str | None = None) -> str:
     :data:`DEFAULT_LETTER_INSTRUCTION`.
     """
     if len(ex.choices) > len(LETTERS):
-        raise ValueError(f"{ex.task}/{ex.id}: {len(ex.choices)} choices, at most {len(LETTERS)} can be lettered")
+        raise ValueError(
+            f"{ex.task}/{ex.id}: {len(ex.choices)} choices, at most {len(LETTERS)} can be lettered"
+        )
     if instruction is None:
         instruction = _task_instruction(ex.task)
     parts = []
@@ -42,8 +44,9 @@ def chat_prompt(tokenizer: Any, user_text: str) -> str:
     """``user_text`` as one user turn with the tokenizer's chat template and the assistant turn opened;
     ``user_text + "\\nAnswer:"`` when the tokenizer has no chat template."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+        )
     return user_text + "\nAnswer:"
 
 

@@ -3,7 +3,7 @@
 One JSON object per line::
 
     {"question": "2 + 2 =", "choices": ["3", "4"], "label": 1}
-    {"question": "...", "choices": ["...", "...", "..."], "label": 0, "context": "optional passage", "id": "q7"}
+    {"question": "...", "choices": ["x", "y", "z"], "label": 0, "context": "optional passage", "id": "q7"}
 
 ``question`` (non-empty string), ``choices`` (list of at least two non-empty strings) and ``label`` (0-based
 int index into ``choices``) are required; ``context`` (string) and ``id`` (string or int) are optional;
@@ -77,18 +77,34 @@ def read_jsonl_rows(path: str | Path) -> list[dict[str, Any]]:
 
 def jsonl_example(task: str, row: dict[str, Any], ex_id: str) -> Example:
     ex_id = str(row["id"]) if "id" in row else ex_id
-    return Example(task=task, id=ex_id, question=row["question"], choices=tuple(row["choices"]),
-                   label=row["label"], context=row.get("context", ""), raw=row)
+    return Example(
+        task=task,
+        id=ex_id,
+        question=row["question"],
+        choices=tuple(row["choices"]),
+        label=row["label"],
+        context=row.get("context", ""),
+        raw=row,
+    )
 
 
 def jsonl_lm(ex: Example) -> LmEvalRequest:
     ctx = (ex.context + "\n" if ex.context else "") + f"Question: {ex.question}\nAnswer:"
-    return LmEvalRequest(contexts=tuple(ctx for _ in ex.choices), continuations=tuple(" " + c for c in ex.choices),
-                         choice_texts=ex.choices, gold=ex.label)
+    return LmEvalRequest(
+        contexts=tuple(ctx for _ in ex.choices),
+        continuations=tuple(" " + c for c in ex.choices),
+        choice_texts=ex.choices,
+        gold=ex.label,
+    )
 
 
-def register_jsonl_task(path: str | Path, name: str | None = None, role: str = DOWNSTREAM,
-                        test_fraction: float = 0.5, overwrite: bool = True) -> Task:
+def register_jsonl_task(
+    path: str | Path,
+    name: str | None = None,
+    role: str = DOWNSTREAM,
+    test_fraction: float = 0.5,
+    overwrite: bool = True,
+) -> Task:
     """Register the task in a JSONL file (validated now; errors name the line and the field).
 
     ``name`` defaults to the file's stem; ``role`` is "downstream" (LoRAMoE sample_type 1) or "general".
@@ -99,8 +115,16 @@ def register_jsonl_task(path: str | Path, name: str | None = None, role: str = D
     if role not in ("general", "downstream"):
         raise ValueError(f"role must be 'general' or 'downstream', got {role!r}")
     chance = sum(1.0 / len(r["choices"]) for r in rows) / len(rows)
-    task = Task(name, lambda: read_jsonl_rows(path), jsonl_example, jsonl_lm, chance=chance, role=role,
-                test_fraction=test_fraction, source=f"jsonl:{path.resolve()}",
-                description=f"user task from {path.name}")
+    task = Task(
+        name,
+        lambda: read_jsonl_rows(path),
+        jsonl_example,
+        jsonl_lm,
+        chance=chance,
+        role=role,
+        test_fraction=test_fraction,
+        source=f"jsonl:{path.resolve()}",
+        description=f"user task from {path.name}",
+    )
     task._cache = _build_examples(name, rows, jsonl_example)
     return register_task(task, overwrite=overwrite)

@@ -9,8 +9,16 @@ _REGISTRY: dict[str, Task] = {t.name: t for t in builtin_tasks()}
 _BUILTIN = frozenset(_REGISTRY)
 
 # The general-capability suite the forgetting report uses by default (cloze probes above chance).
-GENERAL_SUITE = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "sciq", "winogrande", "mmlu",
-                 "basic_arithmetic")
+GENERAL_SUITE = (
+    "arc_easy",
+    "arc_challenge",
+    "hellaswag",
+    "piqa",
+    "sciq",
+    "winogrande",
+    "mmlu",
+    "basic_arithmetic",
+)
 
 
 def register_task(task: Task, overwrite: bool = False) -> Task:
@@ -33,8 +41,10 @@ def get_task(name: str) -> Task:
     task = _REGISTRY.get(name)
     if task is None:
         known = ", ".join(n for n in list_tasks(include_subjects=False))
-        raise KeyError(f"unknown task {name!r}; registered tasks: {known} (and mmlu_<subject> for the "
-                       f"57 MMLU subjects; add your own with register_jsonl_task)")
+        raise KeyError(
+            f"unknown task {name!r}; registered tasks: {known} (and mmlu_<subject> for the "
+            f"57 MMLU subjects; add your own with register_jsonl_task)"
+        )
     return task
 
 
