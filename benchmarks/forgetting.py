@@ -180,6 +180,7 @@ class Protocol:
     math_limit: int
     curve_points: int
     eval_batch_size: int = 16
+    math_metric: str = "number_match"  # see number_match()
 
     @property
     def batch(self) -> int:
@@ -192,7 +193,8 @@ class Protocol:
 
     def eval_dict(self) -> dict[str, Any]:
         return {"downstream_limit": self.downstream_limit, "general_sizes": dict(self.general_sizes),
-                "math_limit": self.math_limit, "eval_batch_size": self.eval_batch_size}
+                "math_limit": self.math_limit, "eval_batch_size": self.eval_batch_size,
+                "math_metric": self.math_metric}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -211,18 +213,21 @@ def _hash(obj: Any) -> str:
 
 
 # Per-task test sizes of the study (questions; the test splits hold arc_challenge 159, arc_easy 284, sciq 482,
-# winogrande 621, piqa 898, hellaswag 2073, mmlu 2836). Chosen so that the stderr of the 7-task mean is below
-# 1.5 points with the base model's accuracies (see `stderr_table`, printed by --plan and in the report), with
-# more questions where a question is cheap (short prompts, 1-token answers) and fewer where it is dear.
-STUDY_GENERAL = (("arc_easy", 250), ("arc_challenge", 159), ("piqa", 250), ("sciq", 200), ("hellaswag", 150),
-                 ("winogrande", 300), ("mmlu", 228))
+# winogrande 621, piqa 898, hellaswag 2073, mmlu 2836). The stderr of the 7-task mean is sqrt(sum_t v_t/n_t)/7
+# with v_t = p_t(1-p_t); the cheapest sizes for a given stderr are n_t ~ sqrt(v_t / c_t) (Lagrange), c_t the
+# measured cost of a question (pilot, CPU s at 1 thread: arc_easy 0.08, arc_challenge 0.11, piqa 0.11, sciq
+# 0.25, hellaswag 0.21, winogrande 0.06, mmlu 0.22). For a 1.35-point target that gives about arc_easy 242,
+# arc_challenge 195 (all 159 exist), piqa 202, sciq 118, hellaswag 148, winogrande 273, mmlu 130; rounded
+# below (mmlu: 3 per subject x 57). Result: 1.34 points with the base accuracies, 1.43 if every p were 0.5.
+STUDY_GENERAL = (("arc_easy", 250), ("arc_challenge", 159), ("piqa", 200), ("sciq", 120), ("hellaswag", 150),
+                 ("winogrande", 280), ("mmlu", 171))
 PILOT_GENERAL = tuple((t, 40) for t, _ in STUDY_GENERAL[:-1]) + (("mmlu", 57),)
 
 PROTOCOLS: dict[str, Protocol] = {
     "study": Protocol(name="study", max_steps=60, per_device_batch=4, grad_accum=4, max_seq_length=512,
                       scheduler="constant", warmup_ratio=0.03, weight_decay=0.01, max_grad_norm=1.0,
                       downstream_limit=300, general_sizes=STUDY_GENERAL, math_limit=200, curve_points=4),
-    "pilot": Protocol(name="pilot", max_steps=8, per_device_batch=4, grad_accum=4, max_seq_length=512,
+    "pilot": Protocol(name="pilot", max_steps=20, per_device_batch=4, grad_accum=4, max_seq_length=512,
                       scheduler="constant", warmup_ratio=0.03, weight_decay=0.01, max_grad_norm=1.0,
                       downstream_limit=40, general_sizes=PILOT_GENERAL, math_limit=40, curve_points=2),
 }
@@ -328,6 +333,52 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+class RunLock:
+    """An exclusive lock file (``O_EXCL``) holding the owner's pid, so that several worker processes can share
+    one budget: a run locked by a live process is left to it; a lock left by a dead process is taken over."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.held = False
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid):
+                    return False
+                self.path.unlink(missing_ok=True)  # stale: its owner died
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return True
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # ================================================================================================ stderr
 # Base-model accuracies used only when no base.json exists yet (baseline_eval.md: arc_challenge acc_norm,
 # hellaswag acc_norm, the others acc).
@@ -414,12 +465,20 @@ class Study:
 
         def score(part: str, task: str, protocol: str, limit: int) -> None:
             c = time.process_time()
+            gen = protocol == "generate"
             res = evaluate(model, tokenizer, [task], protocol=protocol, split="test", limit=limit,
-                           batch_size=p.eval_batch_size, progress=True)
+                           batch_size=p.eval_batch_size, progress=True, log_samples=gen)
             r = res["tasks"][task]
-            out[part][task] = {"score": r["score"], "stderr": r["stderr"], "metric": r["metric"], "n": r["n"],
-                               "seconds": r["seconds"], "cpu_seconds": round(time.process_time() - c, 2),
-                               "chance": r["chance"], "metrics": r["metrics"]}
+            entry = {"score": r["score"], "stderr": r["stderr"], "metric": r["metric"], "n": r["n"],
+                     "seconds": r["seconds"], "cpu_seconds": round(time.process_time() - c, 2),
+                     "chance": r["chance"], "metrics": r["metrics"]}
+            if gen:  # see number_match: the study's math score
+                hits = [number_match(s["generated"], s["gold"]) for s in r["samples"]]
+                entry["metrics"]["number_match"] = statistics.fmean(hits)
+                entry["metric"], entry["score"] = "number_match", statistics.fmean(hits)
+                entry["stderr"] = _binary_stderr(hits)
+                entry["examples"] = [{"generated": s["generated"], "gold": s["gold"]} for s in r["samples"][:5]]
+            out[part][task] = entry
 
         if with_downstream:
             for task in DOWNSTREAM_TASKS:
@@ -438,6 +497,15 @@ class Study:
         return self.dir / "base.json"
 
     def ensure_base(self) -> dict:
+        lock = RunLock(self.work_dir / self.protocol.name / "base.lock")
+        while not lock.acquire():  # another worker is scoring it
+            time.sleep(10)
+        try:
+            return self._ensure_base()
+        finally:
+            lock.release()
+
+    def _ensure_base(self) -> dict:
         path = self.base_path()
         data = load_json(path)
         if data is not None and data.get("eval_digest") == self.protocol.eval_digest():
@@ -562,6 +630,24 @@ class Study:
             shutil.rmtree(out_dir, ignore_errors=True)
         del model, base_model, trainer
         return result
+
+
+def number_match(generated: str, gold: str) -> float:
+    """1.0 when the last number in the greedy generation equals the gold answer. The evaluator's exact match
+    compares the whole first line, and this model restates the sum before answering (" 18 + 37 = 55"), so
+    exact match is 0 for nearly every question whatever the model knows; the last number is its answer."""
+    import re
+
+    nums = re.findall(r"-?\d+(?:\.\d+)?", generated.replace(",", ""))
+    return float(bool(nums) and nums[-1] == gold.strip())
+
+
+def _binary_stderr(values: list[float]) -> float | None:
+    n = len(values)
+    if n < 2:
+        return None
+    p = statistics.fmean(values)
+    return math.sqrt(p * (1 - p) / (n - 1))
 
 
 def _routing_summary(stats: dict) -> dict:
@@ -791,30 +877,81 @@ def sweep_plot(runs: dict[str, dict], base: dict, path: Path) -> Path | None:
     return path
 
 
-def sizing_section(proto_name: str, data: dict[str, Any]) -> list[str]:
-    """Projected cost of the main budget from the measured per-step and per-question costs."""
+def measured_costs(data: dict[str, Any]) -> dict[str, Any]:
+    """Median CPU seconds per training step (per method) and per question (per task) over a protocol's stored
+    runs and base scores. CPU time of a 1-thread worker approximates its wall time on an idle core, and it is
+    far less distorted than wall time when other jobs share the machine."""
     runs = list(data["runs"].values())
-    if not runs:
-        return []
-    proto = runs[0]["protocol"]
-    by_method: dict[str, list[dict]] = {}
+    step: dict[str, list[float]] = {}
+    question: dict[str, list[float]] = {}
     for r in runs:
-        by_method.setdefault(r["method"], []).append(r)
-    lines = ["| method | runs | s/step (median) | eval s (median) | per-question eval s |", "|---|---|---|---|---|"]
-    for m, rs in sorted(by_method.items(), key=lambda kv: _method_order((kv[0], ""))):
-        n_q = sum(v["n"] for r in rs[:1] for part in ("downstream", "general", "math") for v in r[part].values())
-        ev = statistics.median(r["seconds"] for r in rs)
-        lines.append(f"| {m} | {len(rs)} | {statistics.median(r['train']['seconds_per_step'] for r in rs):.2f} | "
-                     f"{ev:.0f} | {ev / max(1, n_q):.3f} |")
-    task_cost: dict[str, list[float]] = {}
-    for r in runs:
+        if r["train"].get("cpu_seconds") and r["environment"].get("threads") == 1:
+            step.setdefault(r["method"], []).append(r["train"]["cpu_seconds"] / max(1, r["train"]["steps"]))
+    for src in runs + ([data["base"]] if data.get("base") else []):
+        if src["environment"].get("threads") != 1:
+            continue
         for part in ("downstream", "general", "math"):
-            for t, v in r[part].items():
-                task_cost.setdefault(t, []).append(v["seconds"] / max(1, v["n"]))
-    lines += ["", "Measured seconds per question (median over the runs of this protocol):", "",
-              "| " + " | ".join(SHORT.get(t, t) for t in task_cost) + " |", "|" + "---|" * len(task_cost),
-              "| " + " | ".join(f"{statistics.median(v):.3f}" for v in task_cost.values()) + " |"]
-    _ = proto, proto_name
+            for t, v in src.get(part, {}).items():
+                if v.get("cpu_seconds") is not None:
+                    question.setdefault(t, []).append(v["cpu_seconds"] / max(1, v["n"]))
+    return {"step": {m: statistics.median(v) for m, v in step.items()},
+            "question": {t: statistics.median(v) for t, v in question.items()},
+            "tokens_per_step": _median([r["train"]["tokens_seen"] / max(1, r["train"]["steps"])
+                                        for r in runs if r["train"].get("tokens_seen")])}
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def projection(costs: dict[str, Any], protocol: Protocol, workers: int = 2) -> list[str]:
+    """The study's expected time from measured costs: steps x s/step + sum over tasks of n x s/question."""
+    if not costs["step"] or not costs["question"]:
+        return ["(no 1-thread measurement stored yet)"]
+    q = costs["question"]
+    sizes = {t: protocol.downstream_limit for t in DOWNSTREAM_TASKS}
+    test_sizes = {"openbookqa": 247, "social_iqa": 951, "boolq": 1682}
+    sizes = {t: min(n, test_sizes[t]) for t, n in sizes.items()}
+    sizes.update({t: (protocol.general_limit(t) * MMLU_SUBJECTS if t == "mmlu" else n)
+                  for t, n in protocol.general_sizes})
+    sizes[MATH_TASK] = protocol.math_limit
+    missing = [t for t in sizes if t not in q]
+    if missing:
+        return [f"(no per-question cost measured yet for {', '.join(missing)})"]
+    eval_s = sum(n * q[t] for t, n in sizes.items())
+    worst = max(costs["step"].values())
+    lines = [f"Evaluation of one model at the `{protocol.name}` sizes: " +
+             " + ".join(f"{n} x {q[t]:.3f}" for t, n in sizes.items()) + f" = **{eval_s:.0f} s**.", ""]
+    main_runs = plan("main")
+    total = eval_s  # the base model, once
+    lines += ["| method | s/step | measured? | train s | eval s | run s |", "|---|---|---|---|---|---|"]
+    for m in MAIN_METHODS:
+        per = costs["step"].get(m, worst)
+        train = protocol.max_steps * per
+        total += sum(1 for r in main_runs if r.method == m) * (train + eval_s + 10)
+        lines.append(f"| {m} | {per:.1f} | {'yes' if m in costs['step'] else 'no: slowest measured used'} | "
+                     f"{train:.0f} | {eval_s:.0f} | {train + eval_s + 10:.0f} |")
+    lines += ["", f"Main budget: base + 24 runs (+10 s model loading each) = {total / 3600:.2f} core-hours, i.e. "
+              f"**{total / 3600 / workers:.2f} h with {workers} workers x 1 thread** on the 2 cores "
+              "(target: 6 h)."]
+    return lines
+
+
+def sizing_section(proto_name: str, data: dict[str, Any]) -> list[str]:
+    """Measured costs of this protocol's runs and, from them, the projected cost of the study's main budget."""
+    costs = measured_costs(data)
+    if not costs["step"] and not costs["question"]:
+        return []
+    lines = ["CPU seconds of one 1-thread worker (medians over this protocol's runs; wall time equals CPU time "
+             "on an idle core):", "",
+             "| method | CPU s per training step (batch " + str(PROTOCOLS["study"].batch) + ") |", "|---|---|"]
+    lines += [f"| {m} | {v:.2f} |" for m, v in sorted(costs["step"].items(), key=lambda kv: _method_order((kv[0], "")))]
+    if costs.get("tokens_per_step"):
+        lines += ["", f"Tokens per step (median, padding included): {costs['tokens_per_step']:.0f}."]
+    lines += ["", "| task | CPU s per question |", "|---|---|"]
+    lines += [f"| {t} | {v:.3f} |" for t, v in costs["question"].items()]
+    lines += ["", "Projected cost of the study (`--budget main`) from these measurements:", ""]
+    lines += projection(costs, PROTOCOLS["study"])
     return lines
 
 
@@ -972,7 +1109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--report", type=Path, default=REPORT, help="the Markdown report to regenerate")
     ap.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
                     help="training checkpoints (a killed run resumes from its last checkpoint); deleted after a run")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per worker (default 1; 0: torch's default, all cores)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="start this many worker processes that share the budget's runs (lock files); on a "
+                         "2-core machine 2 workers x 1 thread beat 1 x 2 threads")
     ap.add_argument("--keep-adapters", action="store_true", help="keep each run's adapter in --work-dir")
     ap.add_argument("--rerun-stale", action="store_true",
                     help="re-run runs stored with another protocol or config instead of skipping them")
@@ -986,6 +1127,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def command_line(argv: list[str] | None) -> str:
     args = sys.argv[1:] if argv is None else argv
     return "python benchmarks/forgetting.py " + " ".join(shlex.quote(a) for a in args)
+
+
+def spawn_workers(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Run ``args.workers`` copies of this command (``--workers 1``), the first scoring the base model first;
+    each writes its own log next to the work dir. Returns the worst exit code."""
+    import subprocess
+
+    base_argv = list(sys.argv[1:] if argv is None else argv)
+    clean: list[str] = []
+    skip = False
+    for a in base_argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--workers":
+            skip = True
+            continue
+        if a.startswith("--workers="):
+            continue
+        clean.append(a)
+    log_dir = args.work_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(args.workers):
+        log = open(log_dir / f"worker{i}.log", "a")  # noqa: SIM115 - kept open for the child
+        cmd = [sys.executable, str(Path(__file__).resolve()), *clean, "--workers", "1"]
+        if i > 0:
+            cmd.append("--no-report")
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        print(f"[forgetting] worker {i}: pid {procs[-1].pid}, log {log.name}")
+        if i == 0:
+            time.sleep(5)
+    codes = [p.wait() for p in procs]
+    if not args.no_report:
+        write_report(args.runs_dir, args.report)
+    return max(codes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1007,6 +1184,8 @@ def main(argv: list[str] | None = None) -> int:
     print(stderr_markdown(stderr_table(protocol, base)))
     if args.plan:
         return 0
+    if args.workers > 1:
+        return spawn_workers(args, argv)
     todo = [r for r in runs if status[r] == "pending" or (status[r] == "stale" and args.rerun_stale)]
     for r in runs:
         if status[r] == "stale" and not args.rerun_stale:
@@ -1019,11 +1198,18 @@ def main(argv: list[str] | None = None) -> int:
     for r in todo:
         if args.max_runs is not None and done >= args.max_runs:
             break
-        if run_status(r, args.runs_dir, protocol) == "done":  # another process finished it meanwhile
+        lock = RunLock(args.work_dir / protocol.name / f"{r.run_id}.lock")
+        if not lock.acquire():
+            print(f"[forgetting] {r.run_id}: another worker is running it; next")
             continue
-        t0 = time.perf_counter()
-        result = study.execute(r)
-        write_json(r.path(args.runs_dir, protocol), result)
+        try:
+            if run_status(r, args.runs_dir, protocol) == "done":  # another worker finished it meanwhile
+                continue
+            t0 = time.perf_counter()
+            result = study.execute(r)
+            write_json(r.path(args.runs_dir, protocol), result)
+        finally:
+            lock.release()
         done += 1
         base = load_json(args.runs_dir / protocol.name / "base.json")
         ret = retention(result, base)

@@ -220,6 +220,12 @@ def test_inspect_and_bench_errors(tmp_path, capsys, monkeypatch):
     assert code == 2 and "speed.py not found" in err
     code, _, err = run_cli(["run", "--method", "lorra", "--output-dir", str(tmp_path / "r")], capsys)
     assert code == 2 and "unknown method 'lorra' (did you mean 'lora'?)" in err
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "summary.md").write_text("a good run")
+    code, _, err = run_cli(["run", "--output-dir", str(taken)], capsys)
+    assert code == 2 and "already holds files" in err and "--overwrite" in err
+    assert (taken / "summary.md").read_text() == "a good run"
 
 
 # ------------------------------------------------------------------------------- the main job, for real

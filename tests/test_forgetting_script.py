@@ -170,3 +170,22 @@ def test_report_from_stored_jsons(fg, tmp_path):
     assert (report.parent / "forgetting_pilot_scatter.png").is_file()
     assert (report.parent / "forgetting_pilot_curves.png").is_file()
     assert "python benchmarks/forgetting.py --budget pilot" in text
+
+
+def test_run_lock_excludes_live_owners_and_takes_over_dead_ones(fg, tmp_path):
+    path = tmp_path / "locks" / "mds__slim__seed0.lock"
+    first, second = fg.RunLock(path), fg.RunLock(path)
+    assert first.acquire()
+    assert not second.acquire()  # held by this (live) process
+    first.release()
+    assert not path.exists()
+    path.write_text("999999999")  # a pid that does not exist: a dead worker's lock
+    assert second.acquire() and path.read_text() == str(__import__("os").getpid())
+    second.release()
+
+
+def test_math_score_is_the_last_number_of_the_generation(fg):
+    assert fg.number_match(" 18 + 37 = 55", "55") == 1.0
+    assert fg.number_match(" 5 + 91 = 141", "96") == 0.0
+    assert fg.number_match("", "3") == 0.0
+    assert fg.number_match(" 1,000", "1000") == 1.0

@@ -593,8 +593,10 @@ class Trainer:
         last_loss = float("nan")
         try:
             while state.global_step < total_steps:
+                t_step = time.perf_counter()
                 step_loss, aux, tokens, grad_norm = self._optimizer_step(wrapped, unwrapped, optimizer, scheduler,
                                                                           order)
+                step_tok_s = tokens * world / max(time.perf_counter() - t_step, 1e-9)
                 state.global_step += 1
                 state.tokens_seen += tokens
                 last_loss = step_loss
@@ -612,7 +614,7 @@ class Trainer:
                     self.last_log = record
                     window = defaultdict(float)
                     window_start = time.perf_counter()
-                bar.set_postfix(_postfix(step_loss, aux, self.last_log), refresh=False)
+                bar.set_postfix(_postfix(step_loss, aux, step_tok_s), refresh=False)
                 bar.update(1)
                 if args.eval_steps and state.global_step % args.eval_steps == 0:
                     last_eval = self._evaluate(unwrapped, state.global_step)
@@ -889,11 +891,10 @@ def _progress_bar(total: int, initial: int, disable: bool) -> Any:
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, disable=disable)
 
 
-def _postfix(loss: float, aux: dict[str, float], last_log: dict[str, float]) -> dict[str, str]:
+def _postfix(loss: float, aux: dict[str, float], tokens_per_s: float) -> dict[str, str]:
     post = {"loss": f"{loss:.4f}"}
     post.update({k: f"{v:.3g}" for k, v in aux.items()})
-    if "tokens_per_s" in last_log:
-        post["tok/s"] = f"{last_log['tokens_per_s']:.0f}"
+    post["tok/s"] = f"{tokens_per_s:.0f}"
     return post
 
 

@@ -36,7 +36,6 @@ import zlib
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import FFN_PROJ, AdapterConfig, SlimConfig
@@ -115,7 +114,7 @@ class SlidingClusters(nn.Module):
         `dev` = |h - c_k| when the caller has it (it is squared in place). No host synchronisation."""
         C, d = self.centres.shape
         dev = self.deviation(h, k) if dev is None else dev
-        onehot = F.one_hot(k, C).to(h.dtype) * w[:, None]  # T x C
+        onehot = h.new_zeros(k.shape[0], C).scatter_(1, k[:, None], w[:, None].to(h.dtype))  # T x C, w at k
         stats = torch.cat([
             onehot.sum(0)[:, None],  # counts
             onehot.t() @ h,  # sums

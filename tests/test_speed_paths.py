@@ -1,0 +1,240 @@
+"""The fast paths compute what the plain ones compute: dense, grouped (`_grouped_mm`) and loop dispatch agree
+in values and gradients, the hot path reads nothing back to the host, cached masked factors follow the
+weights, and generation with the KV cache gives what generation without it gives, for every method."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import slim_peft as sp
+from slim_peft.layers.experts import (
+    choose_dispatch,
+    dense_gates,
+    dense_mixture,
+    grouped_mixture,
+    grouped_mixture_loop,
+    grouped_mm_available,
+    mix_experts,
+)
+from slim_peft.layers.slim import SlimLinear, SlimRouter
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def randomize(model: sp.AdapterModel, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of tensor values back to the host: `.item()`, `bool(t)`, `int(t)` (all
+    `_local_scalar_dense`) and `.tolist()` (patched, it bypasses the dispatcher)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def host_reads(monkeypatch):
+    mode = HostReads()
+    tolist = torch.Tensor.tolist
+
+    def counted(t):
+        mode.count += 1
+        return tolist(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    with mode:
+        yield mode
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+
+
+# --- dispatch paths ----------------------------------------------------------------------------------------
+
+def problem(E: int, r: int, d_in: int, d_out: int, T: int, K: int, num_identity: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    A = (torch.randn(E, r, d_in, generator=g) * 0.3).requires_grad_()
+    B = (torch.randn(E, d_out, r, generator=g) * 0.3).requires_grad_()
+    x = torch.randn(T, d_in, generator=g).requires_grad_()
+    idx = torch.rand(T, E + num_identity, generator=g).topk(K, dim=-1).indices  # distinct ids, as top-k gives
+    idx[0] = E + num_identity - 1 if num_identity else idx[0]  # a row whose picks are all identity
+    w = torch.rand(T, K, generator=g).requires_grad_()
+    out = torch.randn(T, d_out, generator=g).requires_grad_()
+    return x, A, B, idx, w, out
+
+
+PATHS = {
+    "dense": lambda x, A, B, idx, w, out: dense_mixture(x, A, B, dense_gates(idx, w, A.shape[0]), out),
+    "grouped": grouped_mixture,
+    "loop": grouped_mixture_loop,
+}
+
+
+@pytest.mark.parametrize("shape", [
+    dict(E=8, r=16, d_in=64, d_out=96, T=50, K=2, num_identity=2),  # SLIM's 8 + 2, top-2
+    dict(E=4, r=8, d_in=32, d_out=16, T=33, K=1, num_identity=0),  # MixLoRA's pairs: one expert per row
+    dict(E=16, r=4, d_in=24, d_out=40, T=7, K=3, num_identity=1),  # most experts get no row
+    dict(E=3, r=2, d_in=6, d_out=5, T=9, K=2, num_identity=2),  # unaligned: grouped falls back to the loop
+])
+def test_dense_grouped_and_loop_agree_in_values_and_gradients(shape):
+    results = {}
+    for name, f in PATHS.items():
+        x, A, B, idx, w, out = problem(**shape)
+        y = f(x, A, B, idx, w, out)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results[name] = [y.detach(), x.grad, A.grad, B.grad, w.grad, out.grad]
+    for name in ("grouped", "loop"):
+        for got, want in zip(results[name], results["dense"], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_path_uses_grouped_mm_on_cpu():
+    assert grouped_mm_available("cpu", torch.float32), "torch._grouped_mm is missing: grouped dispatch syncs"
+
+
+def test_identity_picks_add_exactly_nothing():
+    x, A, B, idx, w, out = problem(E=8, r=16, d_in=64, d_out=96, T=20, K=2, num_identity=2)
+    idx = torch.full_like(idx, 9)  # every pick an identity expert
+    for f in PATHS.values():
+        assert torch.equal(f(x, A, B, idx, w, out), out)
+
+
+def test_auto_rule():
+    assert choose_dispatch(8, 16, 2, grad=True) == "dense"  # SLIM default, training
+    assert choose_dispatch(8, 16, 2, grad=False) == "dense"  # SLIM default, inference
+    assert choose_dispatch(8, 64, 2, grad=True) == "grouped"  # large total rank
+    assert choose_dispatch(8, 16, 1, grad=False) == "grouped"  # one expert per row (MixLoRA pairs)
+    assert choose_dispatch(8, 64, 2, "dense") == "dense"
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "grouped"])
+def test_dispatch_reads_nothing_back_to_the_host(monkeypatch, dispatch):
+    x, A, B, idx, w, out = problem(E=8, r=16, d_in=64, d_out=96, T=40, K=2, num_identity=2)
+    mix_experts(x, A, B, idx, w, dispatch, out)  # first call probes _grouped_mm once
+    with host_reads(monkeypatch) as reads:
+        y = mix_experts(x, A, B, idx, w, dispatch, out)
+        y.sum().backward()
+    assert reads.count == 0
+
+
+def test_the_loop_fallback_is_the_one_that_syncs(monkeypatch):
+    x, A, B, idx, w, out = problem(E=8, r=16, d_in=64, d_out=96, T=40, K=2, num_identity=2)
+    with host_reads(monkeypatch) as reads:
+        grouped_mixture_loop(x, A, B, idx, w, out)
+    assert reads.count > 0  # the detector does see a sync
+
+
+@pytest.mark.parametrize("routing", ["block", "linear"])
+def test_slim_routing_and_layers_read_nothing_back_after_initialisation(monkeypatch, routing):
+    model = sp.get_adapter_model(tiny_llama(), sp.SlimConfig(r=4, routing=routing, target_modules="all-linear"))
+    randomize(model)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()  # initialises the clusters (one host read, once)
+    layers = [m for m in model.modules() if isinstance(m, SlimLinear | SlimRouter)]
+    h = torch.randn(2, 12, 32)
+    with host_reads(monkeypatch) as reads:
+        for train in (True, False):
+            model.train(train)
+            for m in layers:
+                if isinstance(m, SlimRouter) and m.router.weight.shape[1] == 32:
+                    m.current = m.route(h.reshape(-1, 32), torch.ones(24, dtype=torch.bool))
+            outs = [m(h).sum() for m in layers if isinstance(m, SlimLinear) and m.base_layer.in_features == 32]
+            torch.stack(outs).sum().backward()
+    assert reads.count == 0
+
+
+# --- cached masked factors ----------------------------------------------------------------------------------
+
+def test_cached_masked_factors_follow_weight_updates():
+    model = sp.get_adapter_model(tiny_llama(), sp.SlimConfig(r=4, mask_ratio=0.5))
+    randomize(model)
+    model.eval()
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        first = model(input_ids=ids).logits
+        assert torch.equal(model(input_ids=ids).logits, first)  # served from the cache
+        for m in model.modules():
+            if isinstance(m, SlimLinear):
+                m.experts.lora_B.mul_(2.0)  # an in-place update (as an optimizer step)
+        cached = model(input_ids=ids).logits
+    fresh = model(input_ids=ids).logits.detach()  # autograd on: no cache
+    assert not torch.equal(cached, first)
+    torch.testing.assert_close(cached, fresh, atol=1e-6, rtol=0)
+
+
+# --- generation with the KV cache, every method --------------------------------------------------------------
+
+METHOD_CONFIGS = {
+    "lora": sp.LoraConfig(r=4),
+    "dora": sp.DoraConfig(r=4),
+    "slim": sp.SlimConfig(r=4),
+    "slim-linear-routing": sp.SlimConfig(r=4, routing="linear", target_modules="all-linear"),
+    "mixlora": sp.MixLoraConfig(r=4, num_experts=4),
+    "mixlora-dynamic": sp.MixLoraConfig(r=4, num_experts=4, top_p=0.8),
+    "loramoe": sp.LoraMoeConfig(r=4, num_experts=4),
+    "mola": sp.MolaConfig(r=4, experts_per_layer="2,4"),
+    "ilora": sp.ILoraConfig(r=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_CONFIGS))
+def test_generation_with_kv_cache_matches_generation_without(name):
+    cfg = copy.deepcopy(METHOD_CONFIGS[name])
+    assert cfg.method in sp.METHODS
+    model = sp.get_adapter_model(tiny_llama(), cfg)
+    randomize(model)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    model.train()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)  # SLIM: initialise the clusters
+    model.eval()
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+              do_sample=False, pad_token_id=0)
+    cached = model.generate(**kw, use_cache=True)
+    uncached = model.generate(**kw, use_cache=False)
+    assert cached.shape == (2, 13)
+    assert torch.equal(cached, uncached)
+    with torch.no_grad():  # the last step's logits, incremental vs full
+        full = model(input_ids=cached[:, :-1], attention_mask=torch.ones_like(cached[:, :-1])).logits[:, -1]
+        out = model(input_ids=cached[:, :-2], attention_mask=torch.ones_like(cached[:, :-2]), use_cache=True)
+        step = model(input_ids=cached[:, -2:-1], attention_mask=torch.ones_like(cached[:, :-1]),
+                     past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_cuda_logits_match_cpu():
+    for cfg in (sp.SlimConfig(r=4), sp.SlimConfig(r=16, dispatch="grouped"), sp.MixLoraConfig(r=4, num_experts=4)):
+        model = sp.get_adapter_model(tiny_llama(), cfg)
+        randomize(model)
+        ids = torch.randint(0, VOCAB, (2, 12))
+        model.train()
+        with torch.no_grad():
+            model(input_ids=ids, labels=ids)
+        model.eval()
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits
+            got = model.cuda()(input_ids=ids.cuda()).logits.cpu()
+        torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
