@@ -116,7 +116,34 @@ def loglik_diff(ours: dict, theirs: dict, task: str) -> float:
     return worst
 
 
-def markdown(args, ours_runs, lm, versions) -> str:
+def work_counts(model, tok, tasks: list[str], limit: int, batch_size: int) -> dict[str, Any]:
+    """Tokens through the decoder and LM-head positions, ours vs lm-eval's HFLM, and the multiply-adds
+    they imply (decoder linear layers per token; 49k x 576 per LM-head position)."""
+    from slim_peft.evaluate import encode_pair, packing_stats
+    from slim_peft.tasks import get_task
+
+    body = sum(m.weight.numel() for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear))
+    head = model.get_output_embeddings().weight.numel()
+    out: dict[str, Any] = {"body_macs_per_token": body, "head_macs_per_position": head, "tasks": {}}
+    for name in tasks:
+        task = get_task(name)
+        reqs = [task.lm_eval_request(ex) for ex in task.examples("full", limit=limit)]
+        groups = [[encode_pair(tok, c, x) for c, x in zip(r.contexts, r.continuations, strict=True)] for r in reqs]
+        ours = packing_stats(groups, batch_size=batch_size)
+        # lm-eval: one row per request (context + continuation minus the last token), full logits everywhere,
+        # batches of 16 in descending length; one-token continuations of one context are computed once.
+        keys = {tuple(c + x[:-1]) for g in groups for c, x in g}
+        lengths = sorted((len(k) for k in keys), reverse=True)
+        padded = sum(lengths[i] * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size))
+        out["tasks"][name] = {"ours": ours, "lm_eval": {"tokens": sum(lengths), "padded_tokens": padded}}
+    ours_macs = sum(t["ours"]["padded_tokens"] * body + t["ours"]["head_positions"] * head
+                    for t in out["tasks"].values())
+    lm_macs = sum(t["lm_eval"]["padded_tokens"] * (body + head) for t in out["tasks"].values())
+    out["macs_ratio"] = ours_macs / lm_macs
+    return out
+
+
+def markdown(args, ours_runs, lm, versions, work) -> str:
     ours = ours_runs[0][0]
     ours_wall = sum(r[1] for r in ours_runs) / len(ours_runs)
     ours_cpu = sum(r[2] for r in ours_runs) / len(ours_runs)
@@ -151,6 +178,24 @@ def markdown(args, ours_runs, lm, versions) -> str:
             f"Wall-time ratio ours / lm-eval: **{ours_wall / lm[1]:.3f}** (mean of our runs; target <= "
             f"0.333); CPU-time ratio {ours_cpu / lm[2]:.3f}.",
         ]
+    lines += [
+        "",
+        "Work done (counted, not timed): tokens through the decoder (with padding) and LM-head positions.",
+        "",
+        "| task | ours: tokens | ours: LM-head positions | lm-eval: tokens | lm-eval: LM-head positions |",
+        "|---|---|---|---|---|",
+    ]
+    for name, t in work["tasks"].items():
+        lines.append(
+            f"| {name} | {t['ours']['padded_tokens']:,} | {t['ours']['head_positions']:,} | "
+            f"{t['lm_eval']['padded_tokens']:,} | {t['lm_eval']['padded_tokens']:,} |"
+        )
+    lines += [
+        "",
+        f"At {work['body_macs_per_token'] / 1e6:.0f}M multiply-adds per token in the decoder's linear layers and "
+        f"{work['head_macs_per_position'] / 1e6:.1f}M per LM-head position, we do "
+        f"**{work['macs_ratio']:.3f}x** lm-eval's matrix work (lm-eval also runs log_softmax over every position).",
+    ]
     lines += [
         "",
         "Command: `python benchmarks/eval_vs_lm_eval.py " + " ".join(sys.argv[1:]) + "`",
@@ -218,7 +263,8 @@ def main() -> int:
         ours_runs.append(run_ours(model, tok, args.tasks, args.limit, args.batch_size))
         print(f"ours (again): {ours_runs[1][1]:.1f} s wall", file=sys.stderr)
     versions["load_after"] = load_avg()
-    text = markdown(args, ours_runs, lm, versions)
+    work = work_counts(model, tok, args.tasks, args.limit, args.batch_size)
+    text = markdown(args, ours_runs, lm, versions, work)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

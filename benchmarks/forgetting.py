@@ -527,6 +527,41 @@ class Study:
               f"({data['wall_seconds']:.0f} s)", flush=True)
         return data
 
+    # -- training cost only
+    def measure_steps(self, method: str, steps: int) -> dict:
+        """Train ``steps`` steps of ``method`` on the protocol's data and batch (no evaluation): CPU and wall
+        seconds per step, for sizing the study."""
+        import tempfile
+
+        from slim_peft import config_from_dict, get_adapter_model
+        from slim_peft.train import Trainer, TrainingArguments, seed_everything
+
+        self._torch_setup()
+        p, spec = self.protocol, METHODS[method]
+        base_model, tok = self._load()
+        examples, _ = self.train_data(tok)
+        seed_everything(0)
+        model = get_adapter_model(base_model, config_from_dict(dict(spec.config)))
+        with tempfile.TemporaryDirectory() as tmp:
+            args = TrainingArguments(
+                output_dir=tmp, learning_rate=spec.lr, weight_decay=p.weight_decay,
+                per_device_train_batch_size=p.per_device_batch, gradient_accumulation_steps=p.grad_accum,
+                max_steps=steps, lr_scheduler_type=p.scheduler, warmup_ratio=p.warmup_ratio,
+                max_grad_norm=p.max_grad_norm, seed=0, logging_steps=1, save_steps=0,
+                max_seq_length=p.max_seq_length, group_by_length=True, torch_num_threads=self.threads,
+                disable_tqdm=True)
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = Trainer(model, args, examples, pad_token_id=tok.pad_token_id).train()
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            from slim_peft.train import read_metrics
+
+            tokens = read_metrics(Path(out.run_dir) / "metrics.jsonl")[-1].get("tokens_seen")
+        return {"kind": "steps", "method": method, "steps": steps, "protocol": p.to_dict(),
+                "cpu_seconds_per_step": round(cpu / steps, 3), "wall_seconds_per_step": round(wall / steps, 3),
+                "tokens_per_step": tokens / steps if tokens else None, "trainable_parameters": model.num_parameters()[0],
+                "environment": environment(), "command": self.command,
+                "finished_at": _dt.datetime.now().isoformat(timespec="seconds")}
+
     # -- one run
     def execute(self, run: Run) -> dict:
         import torch
@@ -702,8 +737,13 @@ def collect(runs_dir: Path) -> dict[str, dict[str, Any]]:
             data = load_json(f)
             if data and data.get("kind") == "run":
                 runs[data["run_id"]] = data
-        if base or runs:
-            out[d.name] = {"base": base, "runs": runs}
+        steps = {}
+        for f in sorted(d.glob("steps__*.json")):
+            data = load_json(f)
+            if data and data.get("kind") == "steps":
+                steps[data["method"]] = data
+        if base or runs or steps:
+            out[d.name] = {"base": base, "runs": runs, "steps": steps}
     return out
 
 
@@ -887,6 +927,9 @@ def measured_costs(data: dict[str, Any]) -> dict[str, Any]:
     for r in runs:
         if r["train"].get("cpu_seconds") and r["environment"].get("threads") == 1:
             step.setdefault(r["method"], []).append(r["train"]["cpu_seconds"] / max(1, r["train"]["steps"]))
+    for m, st in data.get("steps", {}).items():
+        if st["environment"].get("threads") == 1:
+            step.setdefault(m, []).append(st["cpu_seconds_per_step"])
     for src in runs + ([data["base"]] if data.get("base") else []):
         if src["environment"].get("threads") != 1:
             continue
@@ -1119,6 +1162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="re-run runs stored with another protocol or config instead of skipping them")
     ap.add_argument("--plan", action="store_true", help="print the runs, their status and the stderr table; run nothing")
     ap.add_argument("--report-only", action="store_true", help="only regenerate the report from stored JSONs")
+    ap.add_argument("--measure-steps", type=int, default=None, metavar="N",
+                    help="only time N training steps of each selected method (no evaluation) and store "
+                         "steps__<method>.json, for sizing")
     ap.add_argument("--no-report", action="store_true", help="do not regenerate the report after each run")
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     return ap.parse_args(argv)
@@ -1186,6 +1232,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.workers > 1:
         return spawn_workers(args, argv)
+    if args.measure_steps:
+        study = Study(protocol, args.runs_dir, args.work_dir, threads=args.threads, command=command_line(argv))
+        for m in dict.fromkeys(r.method for r in runs):
+            res = study.measure_steps(m, args.measure_steps)
+            write_json(args.runs_dir / protocol.name / f"steps__{m}.json", res)
+            print(f"[forgetting] {m}: {res['cpu_seconds_per_step']:.2f} CPU s/step, "
+                  f"{res['wall_seconds_per_step']:.2f} wall s/step", flush=True)
+        if not args.no_report:
+            write_report(args.runs_dir, args.report)
+        return 0
     todo = [r for r in runs if status[r] == "pending" or (status[r] == "stale" and args.rerun_stale)]
     for r in runs:
         if status[r] == "stale" and not args.rerun_stale:

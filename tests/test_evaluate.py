@@ -165,12 +165,16 @@ def test_generate_protocol_exact_match(tiny, tokenizer, monkeypatch):
     def fake_generate(model, tok, prompts, batch_size=16, **kw):
         exs = get_task("basic_arithmetic").examples("test", limit=4)
         assert prompts[0] == f"Question: {exs[0].question}\nAnswer:"
-        return [f" {ex.answer} " if i % 2 == 0 else "no idea" for i, ex in enumerate(exs)]
+        a = [ex.answer for ex in exs]
+        # right; wrong; right after restating the sum (flexible extract); wrong number containing the answer
+        return [f" {a[0]} ", "no idea", f" 2 + 3 = {a[2]}", f" {a[3]}1"]
 
     monkeypatch.setattr(ev, "generate_greedy", fake_generate)
     res = evaluate(tiny, tokenizer, ["basic_arithmetic"], protocol="generate", limit=4)
     r = res["tasks"]["basic_arithmetic"]
     assert r["metric"] == "exact_match" and r["score"] == 0.5 and r["chance"] == 0.0
+    assert r["metrics"]["exact_match_strict"] == 0.25
+    assert ev.extract_answer(" 5 + 91 = 96") == "96" and ev.extract_answer(" -3.5 ") == "-3.5"
     with pytest.raises(ValueError, match="no generation form"):
         evaluate(tiny, tokenizer, ["piqa"], protocol="generate", limit=2)
 

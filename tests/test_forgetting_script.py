@@ -125,7 +125,8 @@ def test_resume_skips_stored_runs_and_keeps_stale_ones(fg, tmp_path, monkeypatch
     monkeypatch.setattr(fg.Study, "execute", lambda self, run: executed.append(run) or fake_run(fg, run, proto))
     monkeypatch.setattr(fg.Study, "ensure_base", lambda self: pytest.fail("the base is stored; not re-scored"))
     report = tmp_path / "report.md"
-    args = ["--budget", "pilot", "--runs-dir", str(tmp_path), "--report", str(report), "--no-report"]
+    args = ["--budget", "pilot", "--runs-dir", str(tmp_path), "--report", str(report), "--no-report",
+            "--work-dir", str(tmp_path / "work")]
     assert fg.main(args) == 0
     assert executed == []  # one done, one stale (kept without --rerun-stale)
     assert fg.main(args + ["--rerun-stale"]) == 0
@@ -138,7 +139,7 @@ def test_pending_runs_are_executed_and_stored(fg, tmp_path, monkeypatch):
     store_base(fg, tmp_path, proto)
     monkeypatch.setattr(fg.Study, "execute", lambda self, run: fake_run(fg, run, proto))
     args = ["--budget", "pilot", "--max-steps", "2", "--runs-dir", str(tmp_path), "--report",
-            str(tmp_path / "r.md"), "--no-report", "--max-runs", "1"]
+            str(tmp_path / "r.md"), "--no-report", "--max-runs", "1", "--work-dir", str(tmp_path / "work")]
     assert fg.main(args) == 0
     stored = sorted((tmp_path / proto.name).glob("*__seed*.json"))
     assert [p.name for p in stored] == ["mds__lora__seed0.json"]
@@ -159,6 +160,9 @@ def test_report_from_stored_jsons(fg, tmp_path):
     store_base(fg, tmp_path, proto)
     for i, run in enumerate(fg.plan("pilot", seeds=[0, 1])):
         fg.write_json(run.path(tmp_path, proto), fake_run(fg, run, proto, shift=0.05 * i))
+    fg.write_json(tmp_path / proto.name / "steps__mixlora.json",
+                  {"kind": "steps", "method": "mixlora", "steps": 3, "cpu_seconds_per_step": 20.0,
+                   "environment": {**env(), "threads": 1}})
     curve = fg.Run("slim", "curve", 0)
     fg.write_json(curve.path(tmp_path, proto), fake_run(fg, curve, proto))
     report = tmp_path / "out" / "forgetting.md"
@@ -170,6 +174,7 @@ def test_report_from_stored_jsons(fg, tmp_path):
     assert (report.parent / "forgetting_pilot_scatter.png").is_file()
     assert (report.parent / "forgetting_pilot_curves.png").is_file()
     assert "python benchmarks/forgetting.py --budget pilot" in text
+    assert "| mixlora | 20.00 |" in text  # a measured step cost enters the sizing section
 
 
 def test_run_lock_excludes_live_owners_and_takes_over_dead_ones(fg, tmp_path):

@@ -330,14 +330,16 @@ def _write_effective_config(path: Path, targs: Any, data: DataArguments, adapter
 # ------------------------------------------------------------------------------------------------ run
 
 
-# `run` defaults, sized to finish within 20 minutes on 2 CPU cores: ~5 s per step of 8 examples (~1,100
-# tokens) and ~1.5 s per question over the 8 tasks per evaluation pass (README has the measured wall time).
+# `run` defaults, sized to finish within 20 minutes on 2 CPU cores. Measured here (single-thread CPU time, a
+# busy machine): SLIM training ~12 CPU-s per step of 8 examples (~1,100 tokens); evaluation ~0.19 CPU-s per
+# question averaged over the 8 tasks. With 2 threads: ~5-7 s per step and ~0.08-0.12 s per question, so
+# 80 steps + 2 x 8 x 150 questions take ~10-16 minutes (README: the wall time measured on a quiet machine).
 RUN_ADAPTER: dict[str, Any] = {}  # the method's defaults: SLIM 8 LoRA (r 16) + 2 identity experts, top-2, FFN
 RUN_TRAINING = {"per_device_train_batch_size": 8, "learning_rate": 5e-4, "lr_scheduler_type": "cosine",
                 "warmup_ratio": 0.05, "max_grad_norm": 1.0, "logging_steps": 5, "save_steps": 0,
                 "max_seq_length": 320}
-RUN_MAX_STEPS = 100
-RUN_EVAL_LIMIT = 200
+RUN_MAX_STEPS = 80
+RUN_EVAL_LIMIT = 150
 
 
 def run_command(args: argparse.Namespace) -> int:

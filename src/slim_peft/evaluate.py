@@ -8,7 +8,8 @@ Protocols
   ``mean_stderr``: sqrt(p (1 - p) / (n - 1)).
 - ``letter``: the question with lettered options in the model's chat template (what training uses); the
   prediction is the option letter whose first token has the highest next-token logit after the prompt.
-- ``generate``: greedy decoding, cut at the first newline, exact match against the answer (tasks with
+- ``generate``: greedy decoding, cut at the first newline; ``exact_match`` compares the line's last number
+  (lm-eval's "flexible-extract") with the answer, ``exact_match_strict`` the whole stripped line (tasks with
   ``supports_generation``: basic_arithmetic).
 
 Speed: all sequences of one question are packed into one row as a token tree (shared prefixes, e.g. the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -224,34 +226,17 @@ def score_requests(
     """Summed log-probs of each continuation given its context, for groups of token sequences.
 
     ``groups[q]`` holds the (context_ids, continuation_ids) pairs of one question; the result has the same
-    shape. With ``pack``, several questions share a row of about ``row_tokens`` tokens (at least the longest
-    question) as one token tree: common prefixes are computed once, and padding nearly vanishes. Without,
+    shape. With ``pack``, several questions share a row of up to ``row_tokens`` tokens (a longer question
+    gets a row of its own) as one token tree: common prefixes are computed once, and padding nearly vanishes. Without,
     one right-padded row per pair, as lm-eval. A forward pass holds at most ``batch_size`` questions (rows
     when not packing).
     """
-    max_len = _max_length(model)
     pack = pack and _supports_custom_masks(model)
-    seqs_of = [[_truncate(list(c), list(x), max_len) for c, x in seqs] for seqs in groups]
-    rows: list[_Row] = []
-    if pack:
-        sizes = [len(pack_sequences(seqs)) if seqs else 0 for seqs in seqs_of]
-        for members in _plan_rows(sizes, max(row_tokens, max(sizes, default=0))):
-            flat = [seq for q in members for seq in seqs_of[q]]
-            if flat:
-                rows.append(
-                    _Row([(q, 0, len(seqs_of[q])) for q in members], pack_sequences(flat), len(members))
-                )
-    else:
-        rows = [
-            _Row([(q, s, 1)], pack_sequences([seq]), 1)
-            for q, seqs in enumerate(seqs_of)
-            for s, seq in enumerate(seqs)
-        ]
+    rows = _build_rows(groups, pack, row_tokens, _max_length(model))
     out: list[list[float]] = [[0.0] * len(seqs) for seqs in groups]
-    rows.sort(key=lambda r: -len(r.tree))
     device, dtype = _model_device(model), _model_dtype(model)
     with torch.inference_mode():
-        for batch in _batches(rows, batch_size):
+        for batch in _batches(rows, batch_size, batch_size * row_tokens if pack else None):
             sums = _score_batch(model, [r.tree for r in batch], pack, device, dtype)
             for row, row_sums in zip(batch, sums, strict=True):
                 k = 0
@@ -261,13 +246,63 @@ def score_requests(
     return out
 
 
-def _batches(rows: list[_Row], max_questions: int) -> list[list[_Row]]:
-    """Consecutive rows, at most ``max_questions`` questions per batch (at least one row)."""
+def _build_rows(
+    groups: Sequence[Sequence[tuple[list[int], list[int]]]], pack: bool, row_tokens: int, max_len: int
+) -> list[_Row]:
+    """The rows of all forward passes, longest first (see :func:`score_requests`)."""
+    seqs_of = [[_truncate(list(c), list(x), max_len) for c, x in seqs] for seqs in groups]
+    rows: list[_Row] = []
+    if pack:
+        sizes = [len(pack_sequences(seqs)) if seqs else 0 for seqs in seqs_of]
+        for members in _plan_rows(sizes, row_tokens):
+            flat = [seq for q in members for seq in seqs_of[q]]
+            if flat:
+                members_info = [(q, 0, len(seqs_of[q])) for q in members]
+                rows.append(_Row(members_info, pack_sequences(flat), len(members)))
+    else:
+        rows = [
+            _Row([(q, s, 1)], pack_sequences([seq]), 1)
+            for q, seqs in enumerate(seqs_of)
+            for s, seq in enumerate(seqs)
+        ]
+    rows.sort(key=lambda r: -len(r.tree))
+    return rows
+
+
+def packing_stats(
+    groups: Sequence[Sequence[tuple[list[int], list[int]]]],
+    batch_size: int = 16,
+    pack: bool = True,
+    row_tokens: int = 128,
+    max_len: int = 2048,
+) -> dict[str, int]:
+    """The work :func:`score_requests` would do: input tokens, with padding, and LM-head positions."""
+    rows = _build_rows(groups, pack, row_tokens, max_len)
+    batches = _batches(rows, batch_size, batch_size * row_tokens if pack else None)
+    padded = sum(max(len(r.tree) for r in b) * len(b) for b in batches)
+    heads = sum(len({node for t in r.tree.targets for node, _ in t}) for r in rows)
+    return {
+        "rows": len(rows),
+        "tokens": sum(len(r.tree) for r in rows),
+        "padded_tokens": padded,
+        "head_positions": heads,
+    }
+
+
+def _batches(rows: list[_Row], max_questions: int, max_tokens: int | None = None) -> list[list[_Row]]:
+    """Consecutive rows (longest first), at most ``max_questions`` questions and ``max_tokens`` padded
+    tokens per batch (at least one row)."""
     batches: list[list[_Row]] = []
     current: list[_Row] = []
     count = 0
     for row in rows:
-        if current and count + row.questions > max_questions:
+        too_many = count + row.questions > max_questions
+        too_long = (
+            max_tokens is not None and (len(current) + 1) * len(current[0].tree) > max_tokens
+            if current
+            else False
+        )
+        if current and (too_many or too_long):
             batches.append(current)
             current, count = [], 0
         current.append(row)
@@ -449,11 +484,23 @@ def _run_generate(
         )
     prompts = [task.lm_eval_request(ex).contexts[0] for ex in examples]
     texts = generate_greedy(model, tokenizer, prompts, batch_size=batch_size)
-    em, samples = [], []
+    em, strict, samples = [], [], []
     for ex, text in zip(examples, texts, strict=True):
-        em.append(float(text.strip() == ex.answer.strip()))
-        samples.append({"id": ex.id, "gold": ex.answer, "generated": text})
-    return {"exact_match": em}, samples
+        answer = extract_answer(text)
+        em.append(float(answer == ex.answer.strip()))
+        strict.append(float(text.strip() == ex.answer.strip()))
+        samples.append({"id": ex.id, "gold": ex.answer, "generated": text, "extracted": answer})
+    return {"exact_match": em, "exact_match_strict": strict}, samples
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str:
+    """The answer in a generated line: its last number (lm-eval's "flexible-extract"), else the stripped
+    text. ``" 5 + 91 = 96"`` -> ``"96"``."""
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else text.strip()
 
 
 _RUNNERS = {"loglik": _run_loglik, "letter": _run_letter, "generate": _run_generate}

@@ -675,8 +675,11 @@ class Trainer:
             norm = acc.clip_grad_norm_(params, args.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        norm = torch.as_tensor(norm).detach().float()
-        self._check_finite(norm, "gradient norm")
+        if norm is None:  # DeepSpeed clips inside its engine and returns no norm
+            norm = torch.tensor(float("nan"))
+        else:
+            norm = torch.as_tensor(norm).detach().float()
+            self._check_finite(norm, "gradient norm")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
