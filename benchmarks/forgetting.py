@@ -1046,8 +1046,10 @@ def protocol_section(name: str, d: dict[str, Any], runs_dir: Path, out_dir: Path
               "- general: loglik protocol (lm-eval templates; acc_norm for ARC-Challenge and HellaSwag, acc "
               "otherwise), first N test questions per task: " +
               ", ".join(f"{t} {n}" for t, n in proto["general_sizes"].items()) +
-              " (MMLU: N/57 per subject); basic_arithmetic: greedy generation, exact match, first "
-              f"{proto['math_limit']} test questions;",
+              " (MMLU: N/57 per subject); basic_arithmetic: greedy generation of the lm-eval ARC-style prompt, "
+              f"first {proto['math_limit']} test questions, scored by whether the last number generated equals the "
+              "answer (the model restates the sum, ' 18 + 37 = 55', so the evaluator's first-line exact match is 0 "
+              "for nearly every answer; both are stored in the JSONs);",
               "- retention = adapted 7-task mean / base 7-task mean; mean ± sample std over seeds.", ""]
     if base:
         p = Protocol(**{**proto, "general_sizes": tuple(proto["general_sizes"].items())})

@@ -455,8 +455,11 @@ def spawn(args, worker: str) -> dict[str, Any]:
            "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device]
     if args.quick:
         cmd.append("--quick")
+    env = dict(os.environ)
+    if args.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"worker {worker} failed (exit {proc.returncode})")
@@ -502,6 +505,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=None, help="comma-separated TRAIN_CONFIGS names (default: all)")
     p.add_argument("--out", type=Path, default=None, help="results dir (default: benchmarks/results; quick: temp)")
     p.add_argument("--no-rss", action="store_true", help="skip the per-configuration RSS subprocesses")
+    p.add_argument("--omp-wait-policy", default="PASSIVE",
+                   help="OMP_WAIT_POLICY of the workers (default PASSIVE: on a loaded machine OpenMP's spin-waiting "
+                        "makes small ops 10x slower; '' keeps the environment's)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -521,7 +527,8 @@ def main(argv: list[str] | None = None) -> None:
     meta.update(command="python benchmarks/speed.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                 date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), threads=args.threads,
                 batch=args.batch, seq=args.seq, repeats=args.repeats, warmup=args.warmup, device=args.device,
-                quick=args.quick, answer_tokens=min(ANSWER_TOKENS, args.seq // 2), new_tokens=NEW_TOKENS)
+                quick=args.quick, omp_wait_policy=args.omp_wait_policy or os.environ.get("OMP_WAIT_POLICY"),
+                answer_tokens=min(ANSWER_TOKENS, args.seq // 2), new_tokens=NEW_TOKENS)
     print(f"speed benchmark: {args.batch} x {args.seq} tokens, {args.threads} threads, {args.repeats} repeats",
           flush=True)
     res: dict[str, Any] = {"train": {}, "rss": {}}
@@ -587,7 +594,7 @@ def fmt(s: list[float], scale: float = 1e3) -> str:
 def report(meta: dict[str, Any], res: dict[str, Any], checks: dict[str, Any]) -> str:
     L = ["# Speed: SLIM and the MoE-LoRA baselines against LoRA, the base model and the peer", ""]
     L += [f"Command: `{meta['command']}`  ", f"Machine: {meta['cpu']}, {meta['cores']} cores, {meta['platform']}, "
-          f"device {meta['device']}, {meta['threads']} torch threads  ",
+          f"device {meta['device']}, {meta['threads']} torch threads, OMP_WAIT_POLICY={meta['omp_wait_policy']}  ",
           f"Versions: torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}, mixlora "
           f"{meta['mixlora']}, Python {meta['python']}  ",
           f"Date: {meta['date']}; load average (1/5/15 min) at start "

@@ -77,6 +77,7 @@ def groups_for(tokenizer, names: list[str], n: int) -> list[list[tuple[list[int]
 # ----------------------------------------------------------------------------------------- scorer
 def test_packed_scorer_equals_direct_per_choice_logprobs(tiny, tokenizer):
     groups = groups_for(tokenizer, ["arc_easy", "winogrande", "piqa", "copa"], 4)
+    assert ev.packing_stats(groups, batch_size=3)["rows"] < len(groups)  # rows hold several questions
     packed = score_requests(tiny, groups, batch_size=3, pack=True)
     chains = score_requests(tiny, groups, batch_size=5, pack=False)
     for group, got_p, got_c in zip(groups, packed, chains, strict=True):

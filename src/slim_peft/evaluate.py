@@ -221,15 +221,15 @@ def score_requests(
     groups: Sequence[Sequence[tuple[list[int], list[int]]]],
     batch_size: int = 16,
     pack: bool = True,
-    row_tokens: int = 128,
+    row_tokens: int = 192,
 ) -> list[list[float]]:
     """Summed log-probs of each continuation given its context, for groups of token sequences.
 
     ``groups[q]`` holds the (context_ids, continuation_ids) pairs of one question; the result has the same
     shape. With ``pack``, several questions share a row of up to ``row_tokens`` tokens (a longer question
-    gets a row of its own) as one token tree: common prefixes are computed once, and padding nearly vanishes. Without,
-    one right-padded row per pair, as lm-eval. A forward pass holds at most ``batch_size`` questions (rows
-    when not packing).
+    gets a row of its own) as one token tree: common prefixes are computed once, and padding nearly
+    vanishes. Without, one right-padded row per pair, as lm-eval. A forward pass holds at most
+    ``batch_size`` questions (rows when not packing).
     """
     pack = pack and _supports_custom_masks(model)
     rows = _build_rows(groups, pack, row_tokens, _max_length(model))
@@ -273,7 +273,7 @@ def packing_stats(
     groups: Sequence[Sequence[tuple[list[int], list[int]]]],
     batch_size: int = 16,
     pack: bool = True,
-    row_tokens: int = 128,
+    row_tokens: int = 192,
     max_len: int = 2048,
 ) -> dict[str, int]:
     """The work :func:`score_requests` would do: input tokens, with padding, and LM-head positions."""
