@@ -120,6 +120,10 @@ def test_train_from_yaml_with_overrides(tmp_path, tiny_model_dir, task_file, cap
     assert any("aux/l1" in r for r in records)
     written = (out / "config.yaml").read_text()
     assert "max_steps: 3" in written and "method: slim" in written
+    from slim_peft.cli import load_yaml_config
+
+    again, data, adapter = split_config(load_yaml_config(out / "config.yaml"))  # it reads back
+    assert again.max_steps == 3 and data.tasks == [str(task_file)] and adapter.num_lora_experts == 2
     # inspect and generate on the result
     code, stdout, err = run_cli(["inspect", str(out)], capsys)
     assert code == 0, err

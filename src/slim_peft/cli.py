@@ -369,7 +369,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.learning_rate:
         training["learning_rate"] = args.learning_rate
     targs = TrainingArguments(**training)
-    data = DataArguments(model_name_or_path=args.model, method=method, tasks=tasks,
+    data = DataArguments(model_name_or_path=args.model, method=method, tasks=_as_list(args.tasks),
                          max_train_samples=train_limit)
 
     with staged_output_dir(out_dir, overwrite=args.overwrite) as run_dir:

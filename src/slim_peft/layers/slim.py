@@ -317,12 +317,39 @@ def routers(model: nn.Module) -> dict[str, SlimRouter]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SlimRouter)}
 
 
+def expert_banks(model: nn.Module) -> list[LoraExpertBank]:
+    """The model's LoRA expert banks, listed once (aux losses run every forward, also while decoding)."""
+    banks = model.__dict__.get("_slim_banks")
+    if banks is None:
+        banks = [m for m in model.modules() if isinstance(m, LoraExpertBank)]
+        model.__dict__["_slim_banks"] = banks
+    return banks
+
+
+def l1_penalty(banks: list[LoraExpertBank]) -> torch.Tensor:
+    """sum over banks and experts of mean|A_e| + mean|B_e| (one fused reduction per factor)."""
+    total = []
+    for b in banks:
+        for W in (b.lora_A, b.lora_B):
+            total.append(torch.linalg.vector_norm(W, ord=1, dim=(1, 2)).sum() / (W.shape[1] * W.shape[2]))
+    return torch.stack(total).sum()
+
+
 def slim_aux_losses(model: nn.Module, cfg: AdapterConfig, ctx: ForwardContext
                     ) -> dict[str, tuple[torch.Tensor, float]]:
-    """L1 (item 8): sum over sites, projections and LoRA experts of mean|B| + mean|A|; optional balancing."""
+    """L1 (item 8): sum over sites, projections and LoRA experts of mean|B| + mean|A|; optional balancing.
+    Without autograd (evaluation, generation) the L1 value is reused while the weights are unchanged."""
     assert isinstance(cfg, SlimConfig)
-    banks = [m for m in model.modules() if isinstance(m, LoraExpertBank)]
-    l1 = sum(b.lora_A.abs().mean(dim=(1, 2)).sum() + b.lora_B.abs().mean(dim=(1, 2)).sum() for b in banks)
+    banks = expert_banks(model)
+    if torch.is_grad_enabled():
+        l1 = l1_penalty(banks)
+    else:
+        key = tuple((W.data_ptr(), W._version) for b in banks for W in (b.lora_A, b.lora_B))
+        cache = model.__dict__.get("_slim_l1_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, l1_penalty(banks))
+            model.__dict__["_slim_l1_cache"] = cache
+        l1 = cache[1]
     out = {"l1": (l1, cfg.l1_weight)}
     if cfg.balance_loss_weight > 0:
         losses = []
