@@ -224,9 +224,11 @@ STUDY_GENERAL = (("arc_easy", 250), ("arc_challenge", 159), ("piqa", 200), ("sci
 PILOT_GENERAL = tuple((t, 40) for t, _ in STUDY_GENERAL[:-1]) + (("mmlu", 57),)
 
 PROTOCOLS: dict[str, Protocol] = {
-    "study": Protocol(name="study", max_steps=60, per_device_batch=4, grad_accum=4, max_seq_length=512,
+    # 50 steps: the main budget then projects to about 5.5 h with 2 workers x 1 thread from the measured costs
+    # (see the report's "Sizing" section, regenerated from the stored measurements); 60 steps projected 6.3 h.
+    "study": Protocol(name="study", max_steps=50, per_device_batch=4, grad_accum=4, max_seq_length=512,
                       scheduler="constant", warmup_ratio=0.03, weight_decay=0.01, max_grad_norm=1.0,
-                      downstream_limit=300, general_sizes=STUDY_GENERAL, math_limit=200, curve_points=4),
+                      downstream_limit=300, general_sizes=STUDY_GENERAL, math_limit=200, curve_points=5),
     "pilot": Protocol(name="pilot", max_steps=20, per_device_batch=4, grad_accum=4, max_seq_length=512,
                       scheduler="constant", warmup_ratio=0.03, weight_decay=0.01, max_grad_norm=1.0,
                       downstream_limit=40, general_sizes=PILOT_GENERAL, math_limit=40, curve_points=2),
@@ -496,9 +498,13 @@ class Study:
     def base_path(self) -> Path:
         return self.dir / "base.json"
 
-    def ensure_base(self) -> dict:
+    def ensure_base(self, wait: bool = True) -> dict | None:
+        """Score the base model unless stored; when another worker is scoring it, wait (or, with
+        ``wait=False``, return None at once: runs do not need it, only the report does)."""
         lock = RunLock(self.work_dir / self.protocol.name / "base.lock")
         while not lock.acquire():  # another worker is scoring it
+            if not wait:
+                return None
             time.sleep(10)
         try:
             return self._ensure_base()
@@ -518,7 +524,8 @@ class Study:
         t0 = time.perf_counter()
         scores = self.evaluate_all(model, tok)
         data = {"kind": "base", "model": MODEL, "protocol": self.protocol.to_dict(),
-                "eval_digest": self.protocol.eval_digest(), **scores, "wall_seconds": round(time.perf_counter() - t0, 2),
+                "eval_digest": self.protocol.eval_digest(), **scores,
+                "wall_seconds": round(time.perf_counter() - t0, 2),
                 "environment": environment(), "command": self.command,
                 "finished_at": _dt.datetime.now().isoformat(timespec="seconds")}
         write_json(path, data)
@@ -558,14 +565,13 @@ class Study:
             tokens = read_metrics(Path(out.run_dir) / "metrics.jsonl")[-1].get("tokens_seen")
         return {"kind": "steps", "method": method, "steps": steps, "protocol": p.to_dict(),
                 "cpu_seconds_per_step": round(cpu / steps, 3), "wall_seconds_per_step": round(wall / steps, 3),
-                "tokens_per_step": tokens / steps if tokens else None, "trainable_parameters": model.num_parameters()[0],
+                "tokens_per_step": tokens / steps if tokens else None,
+                "trainable_parameters": model.num_parameters()[0],
                 "environment": environment(), "command": self.command,
                 "finished_at": _dt.datetime.now().isoformat(timespec="seconds")}
 
     # -- one run
     def execute(self, run: Run) -> dict:
-        import torch
-
         from slim_peft import config_from_dict, get_adapter_model
         from slim_peft.train import Trainer, TrainingArguments, read_metrics, seed_everything
 
@@ -589,12 +595,13 @@ class Study:
             shutil.rmtree(out_dir)
         eval_steps = 0
         curve_state: dict[str, Any] = {}
+        holder: dict[str, Any] = {}
         eval_fn = None
         if setting.curve:
-            eval_steps = max(1, p.max_steps // p.curve_points)
+            eval_steps = max(1, math.ceil(p.max_steps / p.curve_points))
 
             def eval_fn(m):  # general suite at intermediate steps (the final step is scored after training)
-                step = trainer.state.global_step
+                step = holder["trainer"].state.global_step
                 if step >= p.max_steps or step in curve_state:
                     return {}
                 res = self.evaluate_all(m, tok, with_downstream=False)
@@ -615,6 +622,7 @@ class Study:
             disable_tqdm=not sys.stderr.isatty(), report_to="jsonl")
         trainer = Trainer(model, args, examples, pad_token_id=tok.pad_token_id, eval_fn=eval_fn,
                           run_config={"study": "forgetting", "run": run.run_id, "model": MODEL})
+        holder["trainer"] = trainer
         print(f"[forgetting] {run.run_id}: training {p.max_steps} steps x batch {p.batch}, lr {spec.lr:g}, "
               f"{trainable:,d} trainable parameters", flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -901,7 +909,7 @@ def sweep_plot(runs: dict[str, dict], base: dict, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
-    for ax, (group, fld, ref, pts, xs) in zip(axes[0], panels):
+    for ax, (_group, fld, ref, pts, xs) in zip(axes[0], panels, strict=True):
         ret = [statistics.fmean(100 * retention(r, base) for r in pts if r["adapter_config"].get(fld, ref) == x)
                for x in xs]
         down = [statistics.fmean(100 * r["downstream_mean"] for r in pts if r["adapter_config"].get(fld, ref) == x)
@@ -927,10 +935,11 @@ def measured_costs(data: dict[str, Any]) -> dict[str, Any]:
     for r in runs:
         if r["train"].get("cpu_seconds") and r["environment"].get("threads") == 1:
             step.setdefault(r["method"], []).append(r["train"]["cpu_seconds"] / max(1, r["train"]["steps"]))
-    for m, st in data.get("steps", {}).items():
+    for st in data.get("steps", {}).values():
         if st["environment"].get("threads") == 1:
-            step.setdefault(m, []).append(st["cpu_seconds_per_step"])
-    for src in runs + ([data["base"]] if data.get("base") else []):
+            step.setdefault(st["method"], []).append(st["cpu_seconds_per_step"])
+    bases = data.get("bases") or ([data["base"]] if data.get("base") else [])
+    for src in runs + bases:
         if src["environment"].get("threads") != 1:
             continue
         for part in ("downstream", "general", "math"):
@@ -985,8 +994,10 @@ def sizing_section(proto_name: str, data: dict[str, Any]) -> list[str]:
     costs = measured_costs(data)
     if not costs["step"] and not costs["question"]:
         return []
-    lines = ["CPU seconds of one 1-thread worker (medians over this protocol's runs; wall time equals CPU time "
-             "on an idle core):", "",
+    lines = ["CPU seconds of one 1-thread worker, medians over every stored run, base scoring and step timing "
+             "(`--measure-steps`) done with `--threads 1`. Wall time of a 1-thread worker equals its CPU time on "
+             "an idle core; the measurements were taken while other jobs loaded the machine (load average 3-7 on "
+             "2 cores), which inflates CPU time somewhat too (shared caches), so the projection errs long.", "",
              "| method | CPU s per training step (batch " + str(PROTOCOLS["study"].batch) + ") |", "|---|---|"]
     lines += [f"| {m} | {v:.2f} |" for m, v in sorted(costs["step"].items(), key=lambda kv: _method_order((kv[0], "")))]
     if costs.get("tokens_per_step"):
@@ -1005,7 +1016,17 @@ def write_report(runs_dir: Path = RUNS_DIR, report: Path = REPORT, quiet: bool =
              "Generated by `python benchmarks/forgetting.py --report-only` from the JSONs under "
              "`benchmarks/results/forgetting/`; every number below comes from those files. Rerun any budget with "
              "the commands listed per protocol (runs already stored are skipped).", ""]
+    lines += status_section(data, runs_dir)
     lines += methods_section()
+    merged = {"base": None, "runs": {}, "steps": {}, "bases": []}
+    for name, d in data.items():
+        merged["runs"].update({f"{name}/{k}": v for k, v in d["runs"].items()})
+        merged["steps"].update({f"{name}/{k}": v for k, v in d.get("steps", {}).items()})
+        if d["base"]:
+            merged["bases"].append(d["base"])
+    sizing = sizing_section("all", merged)
+    if sizing:
+        lines += ["## Sizing: measured costs and the arithmetic behind the study's defaults", ""] + sizing + [""]
     order = sorted(data, key=lambda n: (n != "study", n != "pilot", n))
     if not data:
         lines += ["No run is stored yet.", ""]
@@ -1016,6 +1037,32 @@ def write_report(runs_dir: Path = RUNS_DIR, report: Path = REPORT, quiet: bool =
     if not quiet:
         print(f"[forgetting] wrote {report}")
     return report
+
+
+def status_section(data: dict[str, Any], runs_dir: Path) -> list[str]:
+    """Where the study stands, and how to continue it."""
+    proto = PROTOCOLS["study"]
+    lines = ["## Status", ""]
+    for budget, b in BUDGETS.items():
+        if b["protocol"] != "study":
+            continue
+        runs = plan(budget)
+        done = sum(run_status(r, runs_dir, proto) == "done" for r in runs)
+        lines.append(f"- `{budget}`: {done} of {len(runs)} runs stored" + (" (complete)" if done == len(runs) else ""))
+    base_done = bool(data.get("study", {}).get("base"))
+    lines += [f"- base model scored at the study's sizes: {'yes' if base_done else 'not yet'}", "",
+              "Sections below show only what is stored. Conclusions about the paper's claims (which reproduce at "
+              "this scale and which do not) belong with the complete main table; until every main run is stored, "
+              "the study tables are partial and the pilot is a smoke test of the pipeline, not evidence.", "",
+              "Continue or extend the study (stored runs are skipped; a killed run resumes from its last training "
+              "checkpoint in `~/.cache/slim-peft/forgetting-work/`):", "",
+              "    python benchmarks/forgetting.py --budget main --workers 2      # 8 methods x 3 seeds",
+              "    python benchmarks/forgetting.py --budget ablations --workers 2",
+              "    python benchmarks/forgetting.py --budget sweeps --workers 2",
+              "    python benchmarks/forgetting.py --budget curves --workers 2",
+              "    python benchmarks/forgetting.py --budget diagnostics --workers 2",
+              "    python benchmarks/forgetting.py --report-only                  # regenerate this file", ""]
+    return lines
 
 
 def methods_section() -> list[str]:
@@ -1032,17 +1079,25 @@ def methods_section() -> list[str]:
 
 def protocol_section(name: str, d: dict[str, Any], runs_dir: Path, out_dir: Path) -> list[str]:
     base, runs = d["base"], d["runs"]
-    proto = (base or next(iter(runs.values())))["protocol"]
+    if not base and not runs:
+        proto_obj = PROTOCOLS.get(name)
+        if proto_obj is None:
+            return []
+        proto = proto_obj.to_dict()
+    else:
+        proto = (base or next(iter(runs.values())))["protocol"]
     lines = [f"## Protocol `{name}`" + (" (the study)" if name == "study" else
                                           " (smoke-sized: numbers are NOT conclusions)" if name == "pilot" else ""),
              ""]
     lines += [f"- training: MDS = {' + '.join(DOWNSTREAM_TASKS)} train splits mixed (letter format, loss on the "
               f"answer only), {proto['max_steps']} optimizer steps x batch {proto['per_device_batch']} x "
-              f"{proto['grad_accum']} accumulation = {proto['max_steps'] * proto['per_device_batch'] * proto['grad_accum']}"
+              f"{proto['grad_accum']} accumulation = "
+              f"{proto['max_steps'] * proto['per_device_batch'] * proto['grad_accum']}"
               f" examples, AdamW (weight decay {proto['weight_decay']}), {proto['scheduler']} schedule with "
               f"{proto['warmup_ratio']:.0%} warmup, clip {proto['max_grad_norm']}, max {proto['max_seq_length']} "
               f"tokens, length-grouped batches;",
-              f"- downstream: letter protocol on the test splits, first {proto['downstream_limit']} questions per task;",
+              f"- downstream: letter protocol on the test splits, first {proto['downstream_limit']} questions per "
+              "task;",
               "- general: loglik protocol (lm-eval templates; acc_norm for ARC-Challenge and HellaSwag, acc "
               "otherwise), first N test questions per task: " +
               ", ".join(f"{t} {n}" for t, n in proto["general_sizes"].items()) +
@@ -1088,7 +1143,6 @@ def protocol_section(name: str, d: dict[str, Any], runs_dir: Path, out_dir: Path
                   + (f"; base model scored once in {base['wall_seconds']:.0f} s" if base else "") +
                   ". Machine: " + _env_line(runs, base) + ".", ""]
         lines += timing_table(runs) + [""]
-        lines += ["### Measured costs", ""] + sizing_section(name, d) + [""]
         cmds = sorted({r["command"] for r in runs.values() if r.get("command")})
         lines += ["### Commands that produced these runs", ""] + [f"    {c}" for c in cmds] + [""]
     return lines
@@ -1106,7 +1160,7 @@ def _env_line(runs: dict, base: dict | None) -> str:
 def observations(groups: dict[tuple, list], base: dict) -> list[str]:
     """Plain statements computed from the table (no interpretation beyond ordering)."""
     rows = []
-    for key, rs in groups.items():
+    for rs in groups.values():
         rows.append((rs[0]["method_label"], statistics.fmean(r["downstream_mean"] for r in rs),
                      statistics.fmean(retention(r, base) for r in rs), len(rs)))
     if len(rows) < 2:
@@ -1162,7 +1216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--keep-adapters", action="store_true", help="keep each run's adapter in --work-dir")
     ap.add_argument("--rerun-stale", action="store_true",
                     help="re-run runs stored with another protocol or config instead of skipping them")
-    ap.add_argument("--plan", action="store_true", help="print the runs, their status and the stderr table; run nothing")
+    ap.add_argument("--plan", action="store_true",
+                    help="print the runs, their status and the stderr table; run nothing")
     ap.add_argument("--report-only", action="store_true", help="only regenerate the report from stored JSONs")
     ap.add_argument("--measure-steps", type=int, default=None, metavar="N",
                     help="only time N training steps of each selected method (no evaluation) and store "
@@ -1251,7 +1306,7 @@ def main(argv: list[str] | None = None) -> int:
     study = Study(protocol, args.runs_dir, args.work_dir, threads=args.threads, keep_adapters=args.keep_adapters,
                   command=command_line(argv))
     if todo and (base is None or base.get("eval_digest") != protocol.eval_digest()):
-        study.ensure_base()
+        study.ensure_base(wait=False)
     done = 0
     for r in todo:
         if args.max_runs is not None and done >= args.max_runs:

@@ -123,7 +123,7 @@ def test_resume_skips_stored_runs_and_keeps_stale_ones(fg, tmp_path, monkeypatch
 
     executed = []
     monkeypatch.setattr(fg.Study, "execute", lambda self, run: executed.append(run) or fake_run(fg, run, proto))
-    monkeypatch.setattr(fg.Study, "ensure_base", lambda self: pytest.fail("the base is stored; not re-scored"))
+    monkeypatch.setattr(fg.Study, "ensure_base", lambda self, **kw: pytest.fail("the base is stored; not re-scored"))
     report = tmp_path / "report.md"
     args = ["--budget", "pilot", "--runs-dir", str(tmp_path), "--report", str(report), "--no-report",
             "--work-dir", str(tmp_path / "work")]
@@ -149,7 +149,7 @@ def test_pending_runs_are_executed_and_stored(fg, tmp_path, monkeypatch):
 
 def test_plan_only_runs_nothing(fg, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fg.Study, "execute", lambda self, run: pytest.fail("--plan must not train"))
-    monkeypatch.setattr(fg.Study, "ensure_base", lambda self: pytest.fail("--plan must not evaluate"))
+    monkeypatch.setattr(fg.Study, "ensure_base", lambda self, **kw: pytest.fail("--plan must not evaluate"))
     assert fg.main(["--plan", "--budget", "main", "--runs-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "mds__slim__seed2" in out and "stderr of the 7-task mean" in out

@@ -3,9 +3,10 @@ per-token mixture of them, and the drop-and-rescale masks of dynamic merging.
 
 Two dispatch paths compute the same thing, out_t + sum_e g[t, e] B_e A_e x_t, with no host synchronisation:
 - dense: one matmul against the concatenated A of all experts (T x E r), gate, one matmul against the
-  concatenated B that accumulates straight into `out` (addmm). No gathers; costs E r per token.
+  concatenated B that accumulates straight into `out` in place (addmm_: no copy or extra pass over the T x
+  d_out output). No gathers; costs E r per token.
 - grouped: the (token, expert) pairs sorted by expert (identity ids last), each expert applied to its own
-  rows with `torch._grouped_mm` (offsets stay on the device), scattered back with index_add. Costs K r per
+  rows with `torch._grouped_mm` (offsets stay on the device), scattered back with index_add_. Costs K r per
   token plus a gather of x and a scatter of the outputs. Identity picks go to an appended all-zero expert,
   which keeps every shape static (their rows cost one zero expert's work, and add exactly 0).
   Where `_grouped_mm` is missing or refuses the shapes/dtype (it is probed once per device and dtype), a
@@ -62,15 +63,25 @@ def dense_gates(expert_idx: torch.Tensor, expert_w: torch.Tensor, num_lora_exper
     return gates[:, :num_lora_experts]
 
 
+def _accumulator(out: torch.Tensor | None, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """`out` itself (accumulated into in place: no copy of the T x d_out output), a copy where autograd
+    forbids in-place updates (a leaf that requires grad), or zeros."""
+    if out is None:
+        return like.new_zeros(rows, cols)
+    return out.clone() if out.is_leaf and out.requires_grad else out
+
+
 def dense_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor,
                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """out + sum_e gates[t, e] B_e A_e x_t with two matmuls, the second accumulating into `out` (addmm).
-    x: T x d_in, A: E x r x d_in, B: E x d_out x r, gates: T x E (zero for unselected experts)."""
+    """out + sum_e gates[t, e] B_e A_e x_t with two matmuls, the second accumulating into `out` in place
+    (addmm_). x: T x d_in, A: E x r x d_in, B: E x d_out x r, gates: T x E (zero for unselected experts)."""
     E, r, d_in = A.shape
     u = x @ A.reshape(E * r, d_in).t()  # T x E r
     u = (u.view(-1, E, r) * gates.unsqueeze(-1).to(u.dtype)).view(-1, E * r)
-    b_cat = B.transpose(1, 2).reshape(E * r, -1)  # (E r) x d_out
-    return u @ b_cat if out is None else torch.addmm(out, u, b_cat)
+    b_cat = B.transpose(1, 2).reshape(E * r, -1)  # (E r) x d_out; a view when B is stored rank-major
+    if out is None:
+        return u @ b_cat
+    return _accumulator(out, 0, 0, u).addmm_(u, b_cat)
 
 
 # --- grouped path ----------------------------------------------------------------------------------------
@@ -107,8 +118,9 @@ def grouped_mm_available(device: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def _grouped_mm_fits(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
-    """`_grouped_mm` needs 16-byte aligned strides: d_in, d_out and r multiples of 16 / element size."""
+def grouped_mm_fits(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether `grouped_rows` can run: `_grouped_mm` works here and the strides are 16-byte aligned (d_in,
+    d_out and r multiples of 16 / element size)."""
     if x.dtype != A.dtype or A.dtype != B.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     step = 16 // x.element_size()
@@ -122,21 +134,27 @@ def _with_zero_expert(W: torch.Tensor) -> torch.Tensor:
     return torch.cat([W, W.new_zeros(1, *W.shape[1:])])
 
 
+def grouped_rows(xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offsets: torch.Tensor,
+                 row_w: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows already sorted by expert (`offsets` as `sort_pairs` gives, E + 1 groups, the last one zero):
+    row i of expert e becomes w_i B_e A_e xs_i. Two `torch._grouped_mm` calls, no host synchronisation.
+    Callers must check `grouped_mm_fits(xs, A, B)` (else use `grouped_mixture`, which falls back)."""
+    u = torch._grouped_mm(xs, _with_zero_expert(A).transpose(1, 2), offs=offsets)
+    if row_w is not None:
+        u = u * row_w.unsqueeze(-1).to(u.dtype)
+    return torch._grouped_mm(u, _with_zero_expert(B).transpose(1, 2), offs=offsets)
+
+
 def grouped_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
                     expert_w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """out + sum over the selected (token, expert) pairs of w B_e A_e x_t. expert_idx: T x K ids; ids >= E
-    (identity experts) add nothing; expert_w: T x K weights. Sync-free with `torch._grouped_mm`, else
-    `grouped_mixture_loop`."""
-    if not _grouped_mm_fits(x, A, B):
+    """out + sum over the selected (token, expert) pairs of w B_e A_e x_t, accumulated into `out` in place.
+    expert_idx: T x K ids; ids >= E (identity experts) add nothing; expert_w: T x K weights. Sync-free with
+    `torch._grouped_mm`, else `grouped_mixture_loop`."""
+    if not grouped_mm_fits(x, A, B):
         return grouped_mixture_loop(x, A, B, expert_idx, expert_w, out)
-    E = A.shape[0]
-    order, token, offsets = sort_pairs(expert_idx, E)
-    u = torch._grouped_mm(x.index_select(0, token), _with_zero_expert(A).transpose(1, 2), offs=offsets)
-    u = u * expert_w.reshape(-1).index_select(0, order).unsqueeze(-1).to(u.dtype)
-    y = torch._grouped_mm(u, _with_zero_expert(B).transpose(1, 2), offs=offsets)
-    if out is None:
-        out = y.new_zeros(x.shape[0], B.shape[1])
-    return out.index_add(0, token, y)
+    order, token, offsets = sort_pairs(expert_idx, A.shape[0])
+    y = grouped_rows(x.index_select(0, token), A, B, offsets, expert_w.reshape(-1).index_select(0, order))
+    return _accumulator(out, x.shape[0], B.shape[1], y).index_add_(0, token, y)
 
 
 def grouped_mixture_loop(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
@@ -158,9 +176,7 @@ def grouped_mixture_loop(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expe
             parts.append(y[lo:hi])
     parts.append(y[bounds[E]:])  # identity pairs: zero rows
     y = torch.cat(parts)
-    if out is None:
-        out = y.new_zeros(x.shape[0], B.shape[1])
-    return out.index_add(0, token, y)
+    return _accumulator(out, x.shape[0], B.shape[1], y).index_add_(0, token, y)
 
 
 # --- dispatch ---------------------------------------------------------------------------------------------
@@ -179,10 +195,11 @@ def choose_dispatch(num_experts: int, r: int, top_k: int, dispatch: str = "auto"
 def mix_experts(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
                 expert_w: torch.Tensor, dispatch: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Apply the top-k mixture of the bank's experts to x (T x d_in) by the chosen dispatch path; with
-    `out` (T x d_out), return out + the mixture (fused into the last matmul when the dtypes agree)."""
+    `out` (T x d_out), accumulate into it in place and return it (fused into the last matmul when the dtypes
+    agree)."""
     E, r, _ = A.shape
     if out is not None and out.dtype != x.dtype:
-        return out + mix_experts(x, A, B, expert_idx, expert_w, dispatch).to(out.dtype)
+        return _accumulator(out, 0, 0, out).add_(mix_experts(x, A, B, expert_idx, expert_w, dispatch).to(out.dtype))
     grad = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)
     if choose_dispatch(E, r, expert_idx.shape[1], dispatch, grad) == "dense":
         return dense_mixture(x, A, B, dense_gates(expert_idx, expert_w, E), out)

@@ -255,16 +255,17 @@ class SlimLinear(nn.Module):
         return self._fixed_masks
 
     def factors(self, masks: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A', B'): the bank's factors with the fast masks applied; cached while they cannot change (eval,
-        fixed masks, no autograd: generation and evaluation), keyed on the parameters' versions."""
+        """(A', B'): the bank's factors with the fast masks applied. Without autograd in eval mode (generation,
+        evaluation) they are cached, keyed on the parameters' versions, with B' stored expert-rank-major so
+        that the dense path's (E r) x d_out view of it needs no copy per call (per decoded token)."""
         A, B = self.experts.lora_A, self.experts.lora_B
-        if masks is None:
-            return A, B
-        if self.training or self.cfg.eval_mask != "fixed" or torch.is_grad_enabled():
-            return masked_factors(A, B, *masks)
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), id(masks))
+        if self.training or torch.is_grad_enabled() or (masks is not None and self.cfg.eval_mask != "fixed"):
+            return (A, B) if masks is None else masked_factors(A, B, *masks)
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), None if masks is None else id(masks))
         if self._factor_cache is None or self._factor_cache[0] != key:
-            self._factor_cache = (key, masked_factors(A, B, *masks))
+            Am, Bm = (A, B) if masks is None else masked_factors(A, B, *masks)
+            Bm = Bm.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (E, r, d_out) in memory
+            self._factor_cache = (key, (Am.contiguous(), Bm))
         return self._factor_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
