@@ -715,6 +715,35 @@ def environment() -> dict[str, Any]:
             "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
+def _child(study: Study, method: str, arg: Any, out: str) -> None:
+    import resource
+
+    result = getattr(study, method)(arg)
+    if isinstance(result, dict):
+        result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+    Path(out).write_text(json.dumps(result, default=str))
+
+
+def run_isolated(study: Study, method: str, arg: Any) -> Any:
+    """``getattr(study, method)(arg)`` in a fresh (spawned) process: its memory goes back to the system when
+    the run ends, and a run killed by the kernel (out of memory) raises here instead of ending the worker."""
+    import multiprocessing as mp
+    import tempfile
+
+    fd, out = tempfile.mkstemp(prefix="forgetting-", suffix=".json")
+    os.close(fd)
+    try:
+        proc = mp.get_context("spawn").Process(target=_child, args=(study, method, arg, out))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            why = " (killed: out of memory?)" if proc.exitcode == -9 else ""
+            raise RuntimeError(f"{method} exited with code {proc.exitcode}{why}")
+        return json.loads(Path(out).read_text())
+    finally:
+        Path(out).unlink(missing_ok=True)
+
+
 # ================================================================================================ report
 def fmt_pct(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}"
@@ -1306,8 +1335,8 @@ def main(argv: list[str] | None = None) -> int:
     study = Study(protocol, args.runs_dir, args.work_dir, threads=args.threads, keep_adapters=args.keep_adapters,
                   command=command_line(argv))
     if todo and (base is None or base.get("eval_digest") != protocol.eval_digest()):
-        study.ensure_base(wait=False)
-    done = 0
+        run_isolated(study, "ensure_base", False)
+    done = failures = 0
     for r in todo:
         if args.max_runs is not None and done >= args.max_runs:
             break
@@ -1319,7 +1348,12 @@ def main(argv: list[str] | None = None) -> int:
             if run_status(r, args.runs_dir, protocol) == "done":  # another worker finished it meanwhile
                 continue
             t0 = time.perf_counter()
-            result = study.execute(r)
+            try:
+                result = run_isolated(study, "execute", r)
+            except RuntimeError as e:
+                failures += 1
+                print(f"[forgetting] {r.run_id}: FAILED: {e}; continuing with the next run", flush=True)
+                continue
             write_json(r.path(args.runs_dir, protocol), result)
         finally:
             lock.release()
@@ -1334,7 +1368,7 @@ def main(argv: list[str] | None = None) -> int:
             write_report(args.runs_dir, args.report, quiet=True)
     if not args.no_report:
         write_report(args.runs_dir, args.report)
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ def fg():
     return mod
 
 
+@pytest.fixture(autouse=True)
+def in_process(fg, monkeypatch):
+    """Runs execute in this process (the script spawns a fresh process per run), so the fakes below apply."""
+    monkeypatch.setattr(fg, "run_isolated", lambda study, method, arg: getattr(study, method)(arg))
+
+
 def fake_scores(fg, shift: float = 0.0) -> dict:
     def entry(score, n=40):
         return {"score": score, "stderr": 0.05, "metric": "acc", "n": n, "seconds": 1.0, "chance": 0.25,
@@ -123,7 +129,8 @@ def test_resume_skips_stored_runs_and_keeps_stale_ones(fg, tmp_path, monkeypatch
 
     executed = []
     monkeypatch.setattr(fg.Study, "execute", lambda self, run: executed.append(run) or fake_run(fg, run, proto))
-    monkeypatch.setattr(fg.Study, "ensure_base", lambda self, **kw: pytest.fail("the base is stored; not re-scored"))
+    monkeypatch.setattr(fg.Study, "ensure_base",
+                        lambda self, *a, **kw: pytest.fail("the base is stored; not re-scored"))
     report = tmp_path / "report.md"
     args = ["--budget", "pilot", "--runs-dir", str(tmp_path), "--report", str(report), "--no-report",
             "--work-dir", str(tmp_path / "work")]
@@ -149,7 +156,7 @@ def test_pending_runs_are_executed_and_stored(fg, tmp_path, monkeypatch):
 
 def test_plan_only_runs_nothing(fg, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fg.Study, "execute", lambda self, run: pytest.fail("--plan must not train"))
-    monkeypatch.setattr(fg.Study, "ensure_base", lambda self, **kw: pytest.fail("--plan must not evaluate"))
+    monkeypatch.setattr(fg.Study, "ensure_base", lambda self, *a, **kw: pytest.fail("--plan must not evaluate"))
     assert fg.main(["--plan", "--budget", "main", "--runs-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "mds__slim__seed2" in out and "stderr of the 7-task mean" in out
