@@ -226,7 +226,9 @@ PILOT_GENERAL = tuple((t, 40) for t, _ in STUDY_GENERAL[:-1]) + (("mmlu", 57),)
 PROTOCOLS: dict[str, Protocol] = {
     # 50 steps: the main budget then projects to about 5.5 h with 2 workers x 1 thread from the measured costs
     # (see the report's "Sizing" section, regenerated from the stored measurements); 60 steps projected 6.3 h.
-    "study": Protocol(name="study", max_steps=50, per_device_batch=4, grad_accum=4, max_seq_length=512,
+    # micro-batches of 2 (x 8 accumulation = 16): a worker's peak memory is dominated by the activations of the
+    # longest micro-batch (BoolQ passages, up to 512 tokens); micro-batches of 4 peaked at 8 GB per worker.
+    "study": Protocol(name="study", max_steps=50, per_device_batch=2, grad_accum=8, max_seq_length=512,
                       scheduler="constant", warmup_ratio=0.03, weight_decay=0.01, max_grad_norm=1.0,
                       downstream_limit=300, general_sizes=STUDY_GENERAL, math_limit=200, curve_points=5),
     "pilot": Protocol(name="pilot", max_steps=20, per_device_batch=4, grad_accum=4, max_seq_length=512,
@@ -584,7 +586,7 @@ class Study:
         seed_everything(run.seed)
         model = get_adapter_model(base_model, config_from_dict(cfg_dict))
         trainable, total = model.num_parameters()
-        out_dir = self.work_dir / p.name / run.run_id
+        out_dir = self.work_dir / p.name / f"{run.run_id}-{p.digest()}"  # checkpoints of this protocol only
         resume = None
         from slim_peft.train import list_checkpoints
 
@@ -845,13 +847,16 @@ def general_table(groups: dict[tuple, list], base: dict | None, label_setting: b
 
 
 def timing_table(runs: dict[str, dict]) -> list[str]:
-    lines = ["| run | trainable params | train s | s/step | eval s | wall s | load avg | final loss | "
-             "identity share (eval) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | trainable params | train s | s/step | train CPU s/step | eval s | wall s | peak RSS GB | "
+             "load avg | final loss | identity share (eval) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rid in sorted(runs, key=lambda k: (_method_order((runs[k]["method"], runs[k]["setting"])), runs[k]["seed"])):
         r = runs[rid]
         share = (r.get("routing_eval") or {}).get("mean_identity_share")
+        cps = r["train"].get("cpu_seconds")
+        cps = "-" if cps is None else f"{cps / max(1, r['train']['steps']):.2f}"
         lines.append(f"| {rid} | {r['train']['trainable_parameters']:,d} | {r['train']['seconds']:.0f} | "
-                     f"{r['train']['seconds_per_step']:.2f} | {r['seconds']:.0f} | {r['wall_seconds']:.0f} | "
+                     f"{r['train']['seconds_per_step']:.2f} | {cps} | {r['seconds']:.0f} | {r['wall_seconds']:.0f} | "
+                     f"{r.get('peak_rss_gb', '-')} | "
                      f"{r['environment'].get('loadavg_1min') or 0:.1f} | {r['train']['final_loss']:.3f} | "
                      f"{'-' if share is None else f'{share:.3f}'} |")
     return lines
@@ -975,7 +980,9 @@ def measured_costs(data: dict[str, Any]) -> dict[str, Any]:
             for t, v in src.get(part, {}).items():
                 if v.get("cpu_seconds") is not None:
                     question.setdefault(t, []).append(v["cpu_seconds"] / max(1, v["n"]))
-    return {"step": {m: statistics.median(v) for m, v in step.items()},
+    micro = sorted({f"{x['protocol']['per_device_batch']} x {x['protocol']['grad_accum']}"
+                    for x in list(data.get("steps", {}).values()) + runs if x.get("protocol")})
+    return {"micro_batches": micro, "step": {m: statistics.median(v) for m, v in step.items()},
             "question": {t: statistics.median(v) for t, v in question.items()},
             "tokens_per_step": _median([r["train"]["tokens_seen"] / max(1, r["train"]["steps"])
                                         for r in runs if r["train"].get("tokens_seen")])}
@@ -1029,6 +1036,10 @@ def sizing_section(proto_name: str, data: dict[str, Any]) -> list[str]:
              "2 cores), which inflates CPU time somewhat too (shared caches), so the projection errs long.", "",
              "| method | CPU s per training step (batch " + str(PROTOCOLS["study"].batch) + ") |", "|---|---|"]
     lines += [f"| {m} | {v:.2f} |" for m, v in sorted(costs["step"].items(), key=lambda kv: _method_order((kv[0], "")))]
+    if costs.get("micro_batches"):
+        lines += ["", "Measured with micro-batch x accumulation: " + ", ".join(costs["micro_batches"]) +
+                  f" (the study uses {PROTOCOLS['study'].per_device_batch} x {PROTOCOLS['study'].grad_accum}; "
+                  "same 16 examples per step)."]
     if costs.get("tokens_per_step"):
         lines += ["", f"Tokens per step (median, padding included): {costs['tokens_per_step']:.0f}."]
     lines += ["", "| task | CPU s per question |", "|---|---|"]
@@ -1336,7 +1347,7 @@ def main(argv: list[str] | None = None) -> int:
                   command=command_line(argv))
     if todo and (base is None or base.get("eval_digest") != protocol.eval_digest()):
         run_isolated(study, "ensure_base", False)
-    done = failures = 0
+    done = failures = streak = 0
     for r in todo:
         if args.max_runs is not None and done >= args.max_runs:
             break
@@ -1352,8 +1363,14 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_isolated(study, "execute", r)
             except RuntimeError as e:
                 failures += 1
-                print(f"[forgetting] {r.run_id}: FAILED: {e}; continuing with the next run", flush=True)
+                streak += 1
+                print(f"[forgetting] {r.run_id}: FAILED: {e}", flush=True)
+                if streak >= 2:
+                    print("[forgetting] two runs failed in a row; stopping this worker (rerun the same command to "
+                          "continue: stored runs are skipped, started ones resume from their checkpoints)")
+                    break
                 continue
+            streak = 0
             write_json(r.path(args.runs_dir, protocol), result)
         finally:
             lock.release()
