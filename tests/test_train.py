@@ -228,6 +228,20 @@ def test_training_lowers_loss_and_writes_outputs(tmp_path):
     assert {"lr", "grad_norm", "tokens_per_s", "tokens_seen"} <= set(records[0])
 
 
+def test_gradient_accumulation_matches_one_larger_batch(tmp_path):
+    """2 accumulated micro-batches of 4 = 1 batch of 8 (same examples; each has 2 supervised tokens, so the
+    mean of the micro-batch means is the batch mean); up to float rounding."""
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    Trainer(tiny_adapter_model(), tiny_args(one, max_steps=6, save_steps=0), tiny_examples()).train()
+    Trainer(tiny_adapter_model(), tiny_args(two, max_steps=6, save_steps=0, per_device_train_batch_size=4,
+                                            gradient_accumulation_steps=2), tiny_examples()).train()
+    a, b = read_losses(one), read_losses(two)
+    assert list(a) == list(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
+
+
 def test_latest_checkpoint_ignores_unfinished_writes(tmp_path):
     out = tmp_path / "run"
     Trainer(tiny_adapter_model(), tiny_args(out, max_steps=8, save_steps=4), tiny_examples()).train()
