@@ -272,7 +272,22 @@ def worker_infer(args) -> dict[str, Any]:
         step = slim(input_ids=nxt[:, None], attention_mask=m2, past_key_values=out.past_key_values, use_cache=True)
         full = slim(input_ids=torch.cat([ids, nxt[:, None]], 1), attention_mask=m2)
         err = (step.logits[:, -1] - full.logits[:, -1]).abs().max().item()
-    return {"times": times, "kv_cache_step_vs_full_max_abs": err}
+    return {"times": times, "kv_cache_step_vs_full_max_abs": err, "flops": flop_budget(base.config)}
+
+
+def flop_budget(cfg) -> dict[str, float]:
+    """Multiply-adds per token of the decoder's linears and of SLIM's mixture (dense: all E experts; ideal
+    sparse: the K picks) on the FFN projections, from the model config."""
+    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    head = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * head
+    attn = d * d * 2 + d * kv * 2
+    ffn = 3 * d * f
+    _, kw = TRAIN_CONFIGS["slim"]
+    rank = kw["num_lora_experts"] * kw["r"]
+    dense = rank * (d + f) * 3
+    return {"attention_linears": L * attn, "ffn_linears": L * ffn, "slim_dense_mixture": L * dense,
+            "slim_top_k_mixture": L * kw["top_k"] * kw["r"] * (d + f) * 3}
 
 
 def peer_models(args, only: str | None = None):
@@ -371,9 +386,9 @@ def worker_dispatch(args) -> dict[str, Any]:
             idx = torch.rand(T, E + (2 if K > 1 else 0), generator=g).topk(K, -1).indices.to(args.device)
             w = torch.rand(T, K, generator=g).to(args.device)
             out = torch.randn(T, d_out, generator=g).to(args.device)
-            a = (x, A, B, idx, w, out)
-            paths = {"dense": lambda a=a: dense_mixture(*a[:3], dense_gates(a[3], a[4], a[1].shape[0]), a[5]),
-                     "grouped": lambda a=a: grouped_mixture(*a)}
+            a = (x, A, B, idx, w, out)  # `out` is accumulated into in place: each call gets a fresh copy
+            paths = {"dense": lambda a=a: dense_mixture(*a[:3], dense_gates(a[3], a[4], a[1].shape[0]), a[5].clone()),
+                     "grouped": lambda a=a: grouped_mixture(*a[:5], a[5].clone())}
             row = {"E": E, "r": r, "K": K, "d_in": d_in, "d_out": d_out}
             for mode in ("train", "infer"):
                 for name, f in paths.items():
@@ -391,7 +406,8 @@ def worker_dispatch(args) -> dict[str, Any]:
 
 
 def worker_profile(args, what: str) -> dict[str, Any]:
-    """Where the time of a SLIM train step ("train") or prefill ("prefill") goes: labelled regions and top ops."""
+    """Where the time goes: SLIM train step ("train") or prefill ("prefill") against its reference, or our
+    MixLoRA forward against the peer's ("peer"): labelled regions and top ops."""
     from torch.profiler import profile, record_function
 
     import slim_peft.layers.slim as S
@@ -408,6 +424,10 @@ def worker_profile(args, what: str) -> dict[str, Any]:
     if what == "train":
         run = build_train("slim", args.device, ids, mask, labels)
         ref = build_train(reference_for("slim"), args.device, ids, mask, labels)
+    elif what == "peer":
+        import torch
+        ours, theirs = peer_models(args)
+        run, ref = ((lambda m=m: torch.no_grad()(m)(input_ids=ids, attention_mask=mask)) for m in (ours, theirs))
     else:
         slim = slim_inference_model(args.device, ids, mask)
         run = prefill_and_decode(slim, ids, mask, args.device)[0]
@@ -448,9 +468,12 @@ def run_worker(args) -> None:
 # --- orchestration -----------------------------------------------------------------------------------------
 
 def spawn(args, worker: str) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        path = f.name
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--worker-out", path,
+    """Run one worker in a fresh interpreter; its result is kept in the work dir (reused with --resume)."""
+    path = args.work_dir / (worker.replace("/", "_").replace(":", "_").replace(",", "_") + ".json")
+    if args.resume and path.is_file():
+        print(f"  {worker:28s} (reused from {path})", flush=True)
+        return json.loads(path.read_text())
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--worker-out", str(path),
            "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
            "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device]
     if args.quick:
@@ -463,8 +486,7 @@ def spawn(args, worker: str) -> dict[str, Any]:
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"worker {worker} failed (exit {proc.returncode})")
-    result = json.loads(Path(path).read_text())
-    os.unlink(path)
+    result = json.loads(path.read_text())
     print(f"  {worker:28s} {time.perf_counter() - t:6.1f} s", flush=True)
     return result
 
@@ -505,6 +527,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=None, help="comma-separated TRAIN_CONFIGS names (default: all)")
     p.add_argument("--out", type=Path, default=None, help="results dir (default: benchmarks/results; quick: temp)")
     p.add_argument("--no-rss", action="store_true", help="skip the per-configuration RSS subprocesses")
+    p.add_argument("--resume", action="store_true", help="reuse the worker results of an interrupted run with the "
+                                                         "same settings (kept in the work dir)")
     p.add_argument("--omp-wait-policy", default="PASSIVE",
                    help="OMP_WAIT_POLICY of the workers (default PASSIVE: on a loaded machine OpenMP's spin-waiting "
                         "makes small ops 10x slower; '' keeps the environment's)")
@@ -522,6 +546,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     names = args.methods.split(",") if args.methods else list(QUICK_TRAIN if args.quick else TRAIN_CONFIGS)
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="slim-speed-")) if args.quick else RESULTS)
+    key = f"b{args.batch}-s{args.seq}-t{args.threads}-r{args.repeats}-w{args.warmup}-{args.device}"
+    args.work_dir = Path(tempfile.gettempdir()) / "slim-peft-speed" / key
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        for old in args.work_dir.glob("*.json"):
+            old.unlink()
     started = time.perf_counter()
     meta = machine()
     meta.update(command="python benchmarks/speed.py " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -545,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
             res["rss"][what] = spawn(args, f"rss={what}")
     checks = evaluate(res)
     res["profiles"] = {}
-    for key, what in (("slim_train", "train"), ("slim_prefill", "prefill")):
+    for key, what in (("slim_train", "train"), ("slim_prefill", "prefill"), ("mixlora_vs_peer", "peer")):
         if not checks[key]["pass"]:
             res["profiles"][what] = spawn(args, f"profile={what}")
     meta["load_avg_end"] = os.getloadavg()
@@ -654,11 +684,29 @@ def report(meta: dict[str, Any], res: dict[str, Any], checks: dict[str, Any]) ->
         L.append(f"| {r['E']} | {r['r']} | {r['K']} | {r['d_in']} -> {r['d_out']} | {r['train_dense_ms']:.1f} | "
                  f"{r['train_grouped_ms']:.1f} | {r['infer_dense_ms']:.1f} | {r['infer_grouped_ms']:.1f} |")
     L.append("")
+    fl = res["infer"].get("flops")
+    if fl:
+        linears = fl["attention_linears"] + fl["ffn_linears"]
+        L += ["## Cost model (multiply-adds per token, from the model config)", "",
+              f"Decoder linears: {linears / 1e6:.1f} M (FFN {fl['ffn_linears'] / 1e6:.1f} M). SLIM's dense mixture "
+              f"on the FFN projections: {fl['slim_dense_mixture'] / 1e6:.1f} M = "
+              f"{100 * fl['slim_dense_mixture'] / linears:.0f}% of the decoder linears (all 8 experts' r=16 factors "
+              f"for every token); the top-2 picks alone would be {fl['slim_top_k_mixture'] / 1e6:.1f} M "
+              f"({100 * fl['slim_top_k_mixture'] / linears:.0f}%). The dense path runs its two matmuls at the "
+              f"same FLOP rate as the base matmuls, so its share of the time is about its share of the FLOPs; the "
+              f"grouped path would do the top-2 work only, but its gather of the rows and scatter of the outputs "
+              f"(T K x d each, memory-bound) cost more than the saved FLOPs on this machine (table f), so `auto` "
+              f"keeps the dense path at E r = 128.", ""]
     for what, prof in res.get("profiles", {}).items():
-        L += [f"## Where the time goes: SLIM {what} (torch.profiler, one call, CPU ms)", "",
-              f"SLIM total {prof['slim']['total_ms']:.0f} ms vs reference {prof['reference']['total_ms']:.0f} ms. "
-              "Regions (inclusive): " + ", ".join(f"{k} {v:.0f}" for k, v in prof["slim"]["regions_ms"].items()), "",
-              "| op | SLIM self ms | calls | reference self ms |", "|---|---|---|---|"]
+        if what == "peer":
+            title, a, b = "our MixLoRA forward vs the mixlora package", "ours", "mixlora package"
+        else:
+            title, a, b = f"SLIM {what}", "SLIM", "reference"
+        L += [f"## Where the time goes: {title} (torch.profiler, one call, CPU ms)", "",
+              f"{a} total {prof['slim']['total_ms']:.0f} ms vs {b} {prof['reference']['total_ms']:.0f} ms."
+              + (" Regions (inclusive): " + ", ".join(f"{k} {v:.0f}" for k, v in prof["slim"]["regions_ms"].items())
+                 if prof["slim"]["regions_ms"] else ""), "",
+              f"| op | {a} self ms | calls | {b} self ms |", "|---|---|---|---|"]
         ref_ops = {k: v for k, v, _ in prof["reference"]["top_ops"]}
         for k, v, n in prof["slim"]["top_ops"]:
             L.append(f"| {k} | {v:.0f} | {n} | {ref_ops.get(k, float('nan')):.0f} |")
