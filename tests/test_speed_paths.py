@@ -113,6 +113,17 @@ def test_grouped_path_uses_grouped_mm_on_cpu():
     assert grouped_mm_available("cpu", torch.float32), "torch._grouped_mm is missing: grouped dispatch syncs"
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_grouped_mm_probe_does_not_depend_on_the_first_callers_grad_mode(context):
+    # The answer is cached per process; evaluation is often the first caller.
+    grouped_mm_available.cache_clear()
+    try:
+        with context():
+            assert grouped_mm_available("cpu", torch.float32)
+    finally:
+        grouped_mm_available.cache_clear()
+
+
 def test_identity_picks_add_exactly_nothing():
     x, A, B, idx, w, out = problem(E=8, r=16, d_in=64, d_out=96, T=20, K=2, num_identity=2)
     idx = torch.full_like(idx, 9)  # every pick an identity expert

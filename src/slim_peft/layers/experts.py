@@ -101,9 +101,15 @@ def sort_pairs(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
 @functools.cache
 def grouped_mm_available(device: str, dtype: torch.dtype) -> bool:
     """Whether `torch._grouped_mm` runs forward and backward correctly on this device and dtype (probed
-    once with a tiny problem)."""
+    once with a tiny problem). The probe turns autograd on itself: the first call may come from inside
+    `torch.no_grad()` or `inference_mode()` (evaluation), and its cached answer must not depend on that."""
     if not hasattr(torch, "_grouped_mm"):
         return False
+    with torch.inference_mode(False), torch.enable_grad():
+        return _probe_grouped_mm(device, dtype)
+
+
+def _probe_grouped_mm(device: str, dtype: torch.dtype) -> bool:
     try:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(12, 16, generator=g).to(device=device, dtype=dtype).requires_grad_()
