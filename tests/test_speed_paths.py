@@ -13,15 +13,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import slim_peft as sp
+from slim_peft.layers import experts
 from slim_peft.layers.experts import (
     choose_dispatch,
     dense_gates,
     dense_mixture,
+    expert_rows,
     grouped_mixture,
     grouped_mixture_loop,
     grouped_mm_available,
     mix_experts,
 )
+from slim_peft.layers.mixlora import MixLoraFFN, select_experts
 from slim_peft.layers.slim import SlimLinear, SlimRouter
 
 VOCAB = 128
@@ -132,10 +135,10 @@ def test_identity_picks_add_exactly_nothing():
 
 
 def test_auto_rule():
-    assert choose_dispatch(8, 16, 2, grad=True) == "dense"  # SLIM default, training
-    assert choose_dispatch(8, 16, 2, grad=False) == "dense"  # SLIM default, inference
-    assert choose_dispatch(8, 64, 2, grad=True) == "grouped"  # large total rank
-    assert choose_dispatch(8, 16, 1, grad=False) == "grouped"  # one expert per row (MixLoRA pairs)
+    assert choose_dispatch(8, 16, 2) == "dense"  # SLIM default
+    assert choose_dispatch(8, 32, 2) == "grouped"  # larger total rank
+    assert choose_dispatch(16, 16, 2) == "grouped"  # more experts
+    assert choose_dispatch(8, 16, 1) == "grouped"  # one expert per row (MixLoRA pairs)
     assert choose_dispatch(8, 64, 2, "dense") == "dense"
 
 
@@ -154,6 +157,73 @@ def test_the_loop_fallback_is_the_one_that_syncs(monkeypatch):
     with host_reads(monkeypatch) as reads:
         grouped_mixture_loop(x, A, B, idx, w, out)
     assert reads.count > 0  # the detector does see a sync
+
+
+# --- MixLoRA's FFN: sorted pairs, shared frozen projections ---------------------------------------------------
+
+def mixlora_ffn_reference(ffn: MixLoraFFN, x: torch.Tensor) -> torch.Tensor:
+    """MixLoRA as its paper writes it: each selected expert is a whole FFN (frozen W + its LoRA on gate, up and
+    down), outputs summed with the routing weights; a Python loop over tokens and experts."""
+    idx, weights = select_experts(ffn.router(x), ffn.cfg.top_k, ffn.cfg.top_p)
+
+    def proj(name, e, v):
+        p = getattr(ffn, name)
+        bank = p.experts
+        return p.base_layer(v) + p.scaling * (v @ bank.lora_A[e].t()) @ bank.lora_B[e].t()
+    rows = []
+    for t in range(x.shape[0]):
+        y = torch.zeros(x.shape[1])
+        for e, w in zip(idx[t].tolist(), weights[t], strict=True):
+            if w > 0:
+                act = ffn.act_fn(proj("gate_proj", e, x[t])) * proj("up_proj", e, x[t])
+                y = y + w * proj("down_proj", e, act)
+        rows.append(y)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("top_p", [None, 0.6])
+def test_mixlora_ffn_equals_the_per_expert_ffns_in_both_dispatch_paths(top_p):
+    model = sp.get_adapter_model(tiny_llama(hidden=32), sp.MixLoraConfig(r=4, num_experts=4, top_p=top_p))
+    randomize(model)
+    model.eval()  # no LoRA dropout
+    ffn = next(m for m in model.modules() if isinstance(m, MixLoraFFN))
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        want = mixlora_ffn_reference(ffn, x)
+    grads = {}
+    for dispatch in ("grouped", "dense"):
+        ffn.cfg.dispatch = dispatch
+        with torch.no_grad():  # the in-place inference path
+            torch.testing.assert_close(ffn(x), want, atol=1e-5, rtol=1e-4)
+        xg = x.clone().requires_grad_()
+        got = ffn(xg)
+        torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=1e-4)
+        got.square().sum().backward()
+        grads[dispatch] = [xg.grad] + [p.grad.clone() for p in ffn.parameters() if p.requires_grad]
+        ffn.zero_grad()
+    for a, b in zip(grads["grouped"], grads["dense"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_mixlora_ffn_reads_nothing_back_to_the_host(monkeypatch):
+    model = sp.get_adapter_model(tiny_llama(hidden=32), sp.MixLoraConfig(r=4, num_experts=4))
+    randomize(model)
+    ffn = next(m for m in model.modules() if isinstance(m, MixLoraFFN))
+    x = torch.randn(20, 32, requires_grad=True)
+    ffn(x)  # first call probes _grouped_mm once
+    with host_reads(monkeypatch) as reads:
+        ffn(x).sum().backward()
+    assert reads.count == 0
+
+
+def test_expert_rows_loop_fallback_equals_grouped_mm(monkeypatch):
+    x, A, B, idx, w, _ = problem(E=8, r=16, d_in=64, d_out=96, T=30, K=1, num_identity=0)
+    expert, order = torch.sort(idx.reshape(-1), stable=True)
+    offsets = torch.searchsorted(expert, torch.arange(8), right=True).to(torch.int32)
+    xs, ws = x[order], w.reshape(-1)[order]
+    fast = expert_rows(xs, A, B, offsets, ws)
+    monkeypatch.setattr(experts, "grouped_mm_fits", lambda *a: False)
+    torch.testing.assert_close(expert_rows(xs, A, B, offsets, ws), fast, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("routing", ["block", "linear"])

@@ -13,11 +13,10 @@ Two dispatch paths compute the same thing, out_t + sum_e g[t, e] B_e A_e x_t, wi
   loop over experts runs instead; that fallback reads the per-expert counts on the host (one sync per call).
 
 `dispatch="auto"` rule, measured on this project's 2-core CPU (benchmarks/results/speed.md, "dispatch
-crossover"; T = 1024 rows, d 576 <-> 1536): the gather and scatter of the grouped path cost more than the
-dense path's extra FLOPs until the total rank is large, more so with autograd (their backward is another
-gather and scatter). So: with autograd, dense while E r <= DENSE_MAX_TOTAL_RANK (256); without autograd
-(inference), dense while E r <= DENSE_MAX_TOTAL_RANK_INFERENCE (128) and E <= DENSE_MAX_EXPERTS_PER_PICK K
-(= 4 K; one expert per row, as MixLoRA's pairs, is grouped); grouped otherwise.
+crossover"; T = 1024 rows, d 576 <-> 1536, with and without autograd): dense while the total rank E r is at most
+DENSE_MAX_TOTAL_RANK (128) and E <= DENSE_MAX_EXPERTS_PER_PICK K (= 4 K); grouped otherwise (larger banks, and
+one expert per row as MixLoRA's pairs). Below that size the dense path's extra FLOPs cost less than the
+grouped path's gather of x and scatter of the outputs.
 """
 
 from __future__ import annotations
@@ -29,8 +28,7 @@ from torch import nn
 
 from .base import kaiming_uniform_
 
-DENSE_MAX_TOTAL_RANK = 256  # `dispatch="auto"` with autograd: dense up to this E * r
-DENSE_MAX_TOTAL_RANK_INFERENCE = 128  # without autograd: dense up to this E * r ...
+DENSE_MAX_TOTAL_RANK = 128  # `dispatch="auto"`: dense up to this E * r ...
 DENSE_MAX_EXPERTS_PER_PICK = 4  # ... and while E <= 4 K (dense work E r vs grouped work K r per row)
 
 
@@ -135,20 +133,45 @@ def grouped_mm_fits(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
     return grouped_mm_available(str(x.device), x.dtype)
 
 
-def _with_zero_expert(W: torch.Tensor) -> torch.Tensor:
-    """W with an all-zero expert appended (the group that identity picks land in)."""
-    return torch.cat([W, W.new_zeros(1, *W.shape[1:])])
+def _grouped_weights(W: torch.Tensor, zero_expert: bool) -> torch.Tensor:
+    """W (E x m x n) in the layout `_grouped_mm` runs fastest on: E x n x m contiguous (a transposed view ran
+    2-3x slower on this CPU), with an all-zero expert appended when identity picks need a group to land
+    in. One copy of the bank, which the gradient flows through."""
+    E, m, n = W.shape
+    Wt = W.new_zeros(E + 1, n, m) if zero_expert else W.new_empty(E, n, m)
+    Wt[:E].copy_(W.transpose(1, 2))
+    return Wt
 
 
 def grouped_rows(xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offsets: torch.Tensor,
                  row_w: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows already sorted by expert (`offsets` as `sort_pairs` gives, E + 1 groups, the last one zero):
-    row i of expert e becomes w_i B_e A_e xs_i. Two `torch._grouped_mm` calls, no host synchronisation.
-    Callers must check `grouped_mm_fits(xs, A, B)` (else use `grouped_mixture`, which falls back)."""
-    u = torch._grouped_mm(xs, _with_zero_expert(A).transpose(1, 2), offs=offsets)
+    """Rows already sorted by expert: row i of expert e becomes w_i B_e A_e xs_i. `offsets` (int32, on the
+    device) ends each expert's group: E + 1 groups as `sort_pairs` gives (the last, identity picks, gets an
+    all-zero expert), or E groups when every row belongs to a LoRA expert. Two `torch._grouped_mm` calls,
+    no host synchronisation. Callers must check `grouped_mm_fits(xs, A, B)` (else use `expert_rows`)."""
+    zero_expert = offsets.shape[0] > A.shape[0]
+    u = torch._grouped_mm(xs, _grouped_weights(A, zero_expert), offs=offsets)
     if row_w is not None:
         u = u * row_w.unsqueeze(-1).to(u.dtype)
-    return torch._grouped_mm(u, _with_zero_expert(B).transpose(1, 2), offs=offsets)
+    return torch._grouped_mm(u, _grouped_weights(B, zero_expert), offs=offsets)
+
+
+def expert_rows(xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offsets: torch.Tensor,
+                row_w: torch.Tensor | None = None) -> torch.Tensor:
+    """`grouped_rows` where `_grouped_mm` runs, else a loop over experts on the same sorted rows (reads the
+    offsets on the host: one synchronisation per call)."""
+    if grouped_mm_fits(xs, A, B):
+        return grouped_rows(xs, A, B, offsets, row_w)
+    bounds = [0] + offsets.tolist()
+    parts = []
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        if e < A.shape[0]:
+            u = xs[lo:hi] @ A[e].t()
+            parts.append((u if row_w is None else u * row_w[lo:hi, None].to(u.dtype)) @ B[e].t())
+        else:
+            parts.append(xs.new_zeros(hi - lo, B.shape[1]))
+    return torch.cat(parts)
 
 
 def grouped_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
@@ -187,14 +210,12 @@ def grouped_mixture_loop(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expe
 
 # --- dispatch ---------------------------------------------------------------------------------------------
 
-def choose_dispatch(num_experts: int, r: int, top_k: int, dispatch: str = "auto", grad: bool = True) -> str:
-    """"dense" or "grouped" for `dispatch` ("auto": the measured rule of the module docstring; `grad`:
-    whether autograd records the call)."""
+def choose_dispatch(num_experts: int, r: int, top_k: int, dispatch: str = "auto") -> str:
+    """"dense" or "grouped" for `dispatch` ("auto": the measured rule of the module docstring, the same with
+    and without autograd)."""
     if dispatch != "auto":
         return dispatch
-    if grad:
-        return "dense" if num_experts * r <= DENSE_MAX_TOTAL_RANK else "grouped"
-    dense = num_experts * r <= DENSE_MAX_TOTAL_RANK_INFERENCE and num_experts <= DENSE_MAX_EXPERTS_PER_PICK * top_k
+    dense = num_experts * r <= DENSE_MAX_TOTAL_RANK and num_experts <= DENSE_MAX_EXPERTS_PER_PICK * top_k
     return "dense" if dense else "grouped"
 
 
@@ -206,8 +227,7 @@ def mix_experts(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: t
     E, r, _ = A.shape
     if out is not None and out.dtype != x.dtype:
         return _accumulator(out, 0, 0, out).add_(mix_experts(x, A, B, expert_idx, expert_w, dispatch).to(out.dtype))
-    grad = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad)
-    if choose_dispatch(E, r, expert_idx.shape[1], dispatch, grad) == "dense":
+    if choose_dispatch(E, r, expert_idx.shape[1], dispatch) == "dense":
         return dense_mixture(x, A, B, dense_gates(expert_idx, expert_w, E), out)
     return grouped_mixture(x, A, B, expert_idx, expert_w, out)
 

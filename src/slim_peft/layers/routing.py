@@ -21,7 +21,7 @@ class LinearRouter(nn.Module):
         nn.init.normal_(self.weight, 0.0, init_std)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h.float(), self.weight)
+        return F.linear(h.to(self.weight.dtype), self.weight)  # fp32 unless the whole model was cast
 
 
 def top_k_routing(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
