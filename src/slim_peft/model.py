@@ -154,7 +154,6 @@ class AdapterModel(nn.Module):
         accumulated since the last `reset_routing_stats()`; plus the mean identity share."""
         sites = {name: m.stats() for name, m in self.base_model.named_modules()
                  if hasattr(m, "stats") and hasattr(m, "reset_stats")}  # every method's routers
-        sites.update(getattr(self, "_extra_routing_stats", lambda: {})())
         shares = [s["identity_share"] for s in sites.values() if "identity_share" in s]
         return {"sites": sites, "mean_identity_share": sum(shares) / len(shares) if shares else None}
 
