@@ -1125,7 +1125,9 @@ def protocol_section(name: str, d: dict[str, Any], runs_dir: Path, out_dir: Path
             return []
         proto = proto_obj.to_dict()
     else:
-        proto = (base or next(iter(runs.values())))["protocol"]
+        # a run's protocol (base.json records the training fields of whenever it was scored; only its
+        # evaluation fields are checked against the protocol)
+        proto = (next(iter(runs.values())) if runs else base)["protocol"]
     lines = [f"## Protocol `{name}`" + (" (the study)" if name == "study" else
                                           " (smoke-sized: numbers are NOT conclusions)" if name == "pilot" else ""),
              ""]
