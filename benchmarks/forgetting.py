@@ -717,9 +717,25 @@ def environment() -> dict[str, Any]:
             "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
-def _child(study: Study, method: str, arg: Any, out: str) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel SIGTERM this process when its parent dies. Without it, killing the study (or a
+    worker) leaves the spawned run training on its own while a restarted study takes the run's lock over and
+    trains it a second time."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):  # not Linux: nothing to do
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _child(study: Study, method: str, arg: Any, out: str, parent: int) -> None:
     import resource
 
+    _die_with_parent(parent)
     result = getattr(study, method)(arg)
     if isinstance(result, dict):
         result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
@@ -735,7 +751,7 @@ def run_isolated(study: Study, method: str, arg: Any) -> Any:
     fd, out = tempfile.mkstemp(prefix="forgetting-", suffix=".json")
     os.close(fd)
     try:
-        proc = mp.get_context("spawn").Process(target=_child, args=(study, method, arg, out))
+        proc = mp.get_context("spawn").Process(target=_child, args=(study, method, arg, out, os.getpid()))
         proc.start()
         proc.join()
         if proc.exitcode != 0:
