@@ -13,15 +13,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import slim_peft as sp
-from slim_peft.layers import experts
 from slim_peft.layers.experts import (
     choose_dispatch,
     dense_gates,
     dense_mixture,
-    expert_rows,
+    expert_rows_loop,
     grouped_mixture,
     grouped_mixture_loop,
     grouped_mm_available,
+    grouped_mm_fits,
+    grouped_rows,
     mix_experts,
 )
 from slim_peft.layers.mixlora import MixLoraFFN, select_experts
@@ -216,14 +217,14 @@ def test_mixlora_ffn_reads_nothing_back_to_the_host(monkeypatch):
     assert reads.count == 0
 
 
-def test_expert_rows_loop_fallback_equals_grouped_mm(monkeypatch):
+def test_expert_rows_loop_equals_grouped_mm():
     x, A, B, idx, w, _ = problem(E=8, r=16, d_in=64, d_out=96, T=30, K=1, num_identity=0)
     expert, order = torch.sort(idx.reshape(-1), stable=True)
     offsets = torch.searchsorted(expert, torch.arange(8), right=True).to(torch.int32)
     xs, ws = x[order], w.reshape(-1)[order]
-    fast = expert_rows(xs, A, B, offsets, ws)
-    monkeypatch.setattr(experts, "grouped_mm_fits", lambda *a: False)
-    torch.testing.assert_close(expert_rows(xs, A, B, offsets, ws), fast, atol=1e-5, rtol=1e-4)
+    assert grouped_mm_fits(xs, A, B)
+    torch.testing.assert_close(expert_rows_loop(xs, A, B, offsets, ws), grouped_rows(xs, A, B, offsets, ws),
+                               atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("routing", ["block", "linear"])

@@ -22,6 +22,7 @@ grouped path's gather of x and scatter of the outputs.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -158,15 +159,21 @@ def grouped_rows(xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offsets: to
 
 def expert_rows(xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offsets: torch.Tensor,
                 row_w: torch.Tensor | None = None) -> torch.Tensor:
-    """`grouped_rows` where `_grouped_mm` runs, else a loop over experts on the same sorted rows (reads the
-    offsets on the host: one synchronisation per call)."""
+    """`grouped_rows` where `_grouped_mm` runs, else `expert_rows_loop`."""
     if grouped_mm_fits(xs, A, B):
         return grouped_rows(xs, A, B, offsets, row_w)
+    return expert_rows_loop(xs, A, B, offsets, row_w)
+
+
+def expert_rows_loop(xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offsets: torch.Tensor,
+                     row_w: torch.Tensor | None = None) -> torch.Tensor:
+    """`grouped_rows` as a Python loop over experts; reads the offsets on the host (one synchronisation per
+    call). Groups past the E-th (identity picks) give zero rows."""
     bounds = [0] + offsets.tolist()
     parts = []
     for e in range(len(bounds) - 1):
         lo, hi = bounds[e], bounds[e + 1]
-        if e < A.shape[0]:
+        if e < A.shape[0] and hi > lo:
             u = xs[lo:hi] @ A[e].t()
             parts.append((u if row_w is None else u * row_w[lo:hi, None].to(u.dtype)) @ B[e].t())
         else:
@@ -178,33 +185,23 @@ def grouped_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_id
                     expert_w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """out + sum over the selected (token, expert) pairs of w B_e A_e x_t, accumulated into `out` in place.
     expert_idx: T x K ids; ids >= E (identity experts) add nothing; expert_w: T x K weights. Sync-free with
-    `torch._grouped_mm`, else `grouped_mixture_loop`."""
-    if not grouped_mm_fits(x, A, B):
-        return grouped_mixture_loop(x, A, B, expert_idx, expert_w, out)
-    order, token, offsets = sort_pairs(expert_idx, A.shape[0])
-    y = grouped_rows(x.index_select(0, token), A, B, offsets, expert_w.reshape(-1).index_select(0, order))
-    return _accumulator(out, x.shape[0], B.shape[1], y).index_add_(0, token, y)
+    `torch._grouped_mm`, else the loop over experts."""
+    return _sorted_mixture(x, A, B, expert_idx, expert_w, out, expert_rows)
 
 
 def grouped_mixture_loop(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
                          expert_w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Same result with a Python loop over experts; reads the per-expert counts on the host (one
-    synchronisation per call). The fallback where `_grouped_mm` cannot run, and a reference in tests."""
-    E = A.shape[0]
-    order, token, offsets = sort_pairs(expert_idx, E)
-    bounds = [0] + offsets.tolist()
-    w_sorted = expert_w.reshape(-1).index_select(0, order).unsqueeze(-1)
-    y = x.new_zeros(order.shape[0], B.shape[1])
-    parts = []
-    for e in range(E):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
-            xe = x.index_select(0, token[lo:hi])
-            parts.append(((xe @ A[e].t()) * w_sorted[lo:hi].to(x.dtype)) @ B[e].t())
-        else:
-            parts.append(y[lo:hi])
-    parts.append(y[bounds[E]:])  # identity pairs: zero rows
-    y = torch.cat(parts)
+    """Same result, always with the loop over experts (one host synchronisation per call): the reference in
+    tests."""
+    return _sorted_mixture(x, A, B, expert_idx, expert_w, out, expert_rows_loop)
+
+
+def _sorted_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
+                    expert_w: torch.Tensor, out: torch.Tensor | None, rows_fn: Callable[..., torch.Tensor]
+                    ) -> torch.Tensor:
+    """Sort the pairs by expert, gather their rows, apply `rows_fn`, scatter-add into `out`."""
+    order, token, offsets = sort_pairs(expert_idx, A.shape[0])
+    y = rows_fn(x.index_select(0, token), A, B, offsets, expert_w.reshape(-1).index_select(0, order))
     return _accumulator(out, x.shape[0], B.shape[1], y).index_add_(0, token, y)
 
 
