@@ -1179,6 +1179,8 @@ def protocol_section(name: str, d: dict[str, Any], runs_dir: Path, out_dir: Path
         if png:
             lines += [f"![learn vs forget](./{png.name})", ""]
         lines += observations(main, base)
+        if name == "study":
+            lines += claims_section(runs, base)
     others = {k: v for k, v in runs.items() if v["setting"] not in ("mds",)}
     if others:
         og = group_runs(others)
@@ -1246,6 +1248,193 @@ def pending_section(name: str, runs_dir: Path) -> list[str]:
     if pending_ids:
         lines += ["Not yet run: " + ", ".join(f"`{p}`" for p in pending_ids) + ".", ""]
     return lines
+
+
+# ================================================================================================ the paper's claims
+@dataclass(frozen=True)
+class Estimate:
+    """A score averaged over seeds, with its two sources of noise: the spread over seeds (None with one seed)
+    and the test-set stderr of one evaluation (binomial, from the stored per-task stderrs)."""
+
+    mean: float
+    seeds: int
+    seed_std: float | None
+    test_se: float
+
+
+def _test_se(src: dict, part: str) -> float:
+    """Binomial stderr of a run's (or the base model's) mean score over the tasks of ``part``."""
+    tasks = {"general": GENERAL_TASKS, "downstream": DOWNSTREAM_TASKS, "math": (MATH_TASK,)}[part]
+    return math.sqrt(sum(src[part][t]["stderr"] ** 2 for t in tasks)) / len(tasks)
+
+
+def _score(src: dict, part: str) -> float:
+    return src[{"general": "general_mean", "downstream": "downstream_mean", "math": "math_score"}[part]]
+
+
+def estimate(rs: list[dict], part: str) -> Estimate:
+    values = [_score(r, part) for r in rs]
+    return Estimate(statistics.fmean(values), len(values), statistics.stdev(values) if len(values) > 1 else None,
+                    statistics.fmean(_test_se(r, part) for r in rs))
+
+
+def difference(a: Estimate, b: Estimate) -> tuple[float, float]:
+    """a - b and its stderr. Conservative: the two evaluations share their questions, so the paired stderr of
+    the difference is smaller than this one, which treats the test-set errors as independent."""
+    var = a.test_se ** 2 + b.test_se ** 2
+    var += sum(e.seed_std ** 2 / e.seeds for e in (a, b) if e.seed_std is not None)
+    return a.mean - b.mean, math.sqrt(var)
+
+
+def fmt_diff(d: tuple[float, float]) -> str:
+    """Points, with the stderr; '*' marks a difference beyond 2 stderr."""
+    return f"{100 * d[0]:+.1f} ± {100 * d[1]:.1f}" + ("*" if abs(d[0]) > 2 * d[1] else "")
+
+
+def _sign_verdict(d: tuple[float, float], yes: str, no: str) -> str:
+    """'yes' when the difference is beyond +2 stderr, 'no' beyond -2 stderr, else unresolved."""
+    if d[0] > 2 * d[1]:
+        return yes
+    if d[0] < -2 * d[1]:
+        return no
+    return f"not resolved ({'same' if d[0] >= 0 else 'opposite'} sign as the paper, within 2 stderr)"
+
+
+def claims_section(runs: dict[str, dict], base: dict) -> list[str]:
+    """The paper's claims next to what the stored runs show, with a verdict per claim (computed, not
+    written by hand: a claim whose runs are missing is marked pending)."""
+    groups = group_runs(runs)
+    est = {(m, s, part): estimate(rs, part) for (m, s), rs in groups.items()
+           for part in ("general", "downstream", "math")}
+    base_est = {part: Estimate(_score(base, part), 1, None, _test_se(base, part))
+                for part in ("general", "downstream", "math")}
+    slim = ("slim", "mds")
+    have = {(m, s) for m, s, _ in est}
+    lines = ["### The paper's claims at this scale", "",
+             "Differences in points ± stderr (conservative: test-set errors counted as independent although "
+             "every model answers the same questions, plus the spread over seeds where there are several); "
+             "`*` marks a difference beyond 2 stderr. One seed per method means seed noise is not yet measured.",
+             ""]
+    rows = ["| vs base model | seeds | downstream | general (7) | arithmetic |", "|---|---|---|---|---|"]
+    for key in sorted((k for k in have if k[1] == "mds"), key=_method_order):
+        rows.append(f"| {groups[key][0]['method_label']} | {len(groups[key])} | " + " | ".join(
+            fmt_diff(difference(est[(*key, p)], base_est[p])) for p in ("downstream", "general", "math")) + " |")
+    lines += rows + [""]
+    baselines = [k for k in sorted(have, key=_method_order) if k[1] == "mds" and k != slim]
+    if slim in have and baselines:
+        lines += ["| SLIM minus | seeds (SLIM / other) | downstream | general (7) | arithmetic |",
+                  "|---|---|---|---|---|"]
+        for key in baselines:
+            lines.append(f"| {groups[key][0]['method_label']} | {len(groups[slim])} / {len(groups[key])} | " +
+                         " | ".join(fmt_diff(difference(est[(*slim, p)], est[(*key, p)]))
+                                    for p in ("downstream", "general", "math")) + " |")
+        lines.append("")
+    lines += ["| claim (paper) | what the stored runs show | verdict |", "|---|---|---|"]
+    lines += _claim_rows(est, base_est, have, groups)
+    return lines + [""]
+
+
+def _claim_rows(est: dict, base_est: dict, have: set, groups: dict) -> list[str]:
+    slim = ("slim", "mds")
+    main = [k for k in have if k[1] == "mds"]
+    missing = [m for m in MAIN_METHODS if (m, "mds") not in have]
+    pending_main = f"pending: main methods not run: {', '.join(missing)}; " if missing else ""
+    rows = []
+
+    def row(claim: str, shown: str, verdict: str) -> None:
+        rows.append(f"| {claim} | {shown} | {verdict} |")
+
+    label = {k: groups[k][0]["method_label"] for k in have}
+    if slim in have and len(main) > 1:
+        others = [k for k in main if k != slim]
+        d_gen = {k: difference(est[(*slim, "general")], est[(*k, "general")]) for k in others}
+        worst = min(d_gen, key=lambda k: d_gen[k][0] / d_gen[k][1])
+        ahead = sum(d[0] > 0 for d in d_gen.values())
+        row("SLIM keeps the most general capability (Table 2: general average 75.65 vs LoRA 31.24, MixLoRA "
+            "51.08, LoRAMoE 66.39)",
+            f"SLIM's general mean is above {ahead} of {len(others)} baselines; closest: "
+            f"{label[worst]} ({fmt_diff(d_gen[worst])} pts)",
+            pending_main + _sign_verdict(d_gen[worst], "reproduces", "contradicted"))
+        best = max(others, key=lambda k: est[(*k, "downstream")].mean)
+        d_down = difference(est[(*slim, "downstream")], est[(*best, "downstream")])
+        row("SLIM matches the best baselines downstream (Table 1)",
+            f"SLIM minus the best baseline downstream ({label[best]}): {fmt_diff(d_down)} pts",
+            pending_main + ("does not reproduce (SLIM below by more than 2 stderr)" if d_down[0] < -2 * d_down[1]
+                            else "reproduces (no difference beyond 2 stderr, or SLIM ahead)"))
+    for key in (("lora", "mds"), ("dora", "mds")):
+        if key in have:
+            d_gen = difference(est[(*key, "general")], base_est["general"])
+            d_math = difference(est[(*key, "math")], base_est["math"])
+            row(f"{label[key]} forgets much (Table 2: LoRA MMLU 32.7 / GSM8K 0.0, DoRA 31.1 / 0.0, SLIM 65.8 / 76.1)",
+                f"{label[key]} minus base: general {fmt_diff(d_gen)}, arithmetic {fmt_diff(d_math)} pts",
+                _sign_verdict((-d_math[0], d_math[1]), "reproduces on arithmetic", "contradicted on arithmetic")
+                + "; " + _sign_verdict((-d_gen[0], d_gen[1]), "reproduces on the general suite",
+                                       "contradicted on the general suite"))
+    for setting, what in (("no_identity", "identity experts"), ("no_yield", "weight yielding"),
+                          ("no_merge", "dynamic merging")):
+        key = ("slim", setting)
+        if slim in have and key in have:
+            d = difference(est[(*slim, "general")], est[(*key, "general")])
+            row(f"removing {what} increases forgetting (Table 3)", f"SLIM minus w/o {what}: general {fmt_diff(d)}",
+                _sign_verdict(d, "reproduces", "contradicted"))
+        else:
+            row(f"removing {what} increases forgetting (Table 3)", "-", f"pending: run `slim/{setting}`")
+    key = ("slim", "exact_merge")
+    if slim in have and key in have:
+        d_gen = difference(est[(*slim, "general")], est[(*key, "general")])
+        d_down = difference(est[(*slim, "downstream")], est[(*key, "downstream")])
+        row("fast (factor-masked) merging changes accuracy only slightly (Table 3)",
+            f"fast minus exact: downstream {fmt_diff(d_down)}, general {fmt_diff(d_gen)}",
+            "reproduces" if max(abs(d_gen[0]) - 2 * d_gen[1], abs(d_down[0]) - 2 * d_down[1]) <= 0
+            else "does not reproduce (a difference beyond 2 stderr)")
+    else:
+        row("fast (factor-masked) merging changes accuracy only slightly (Table 3)", "-",
+            "pending: run `slim/exact_merge`")
+    rows += _sweep_claims(est, have)
+    rows += _curve_claim(groups, base_est)
+    return rows
+
+
+def _sweep_claims(est: dict, have: set) -> list[str]:
+    rows = []
+    ref = ("slim", "mds")
+    lo, hi = ("slim", "mask0.1"), ("slim", "mask0.9")
+    if {ref, lo, hi} <= have:
+        d_down = difference(est[(*hi, "downstream")], est[(*ref, "downstream")])
+        d_gen = difference(est[(*ref, "general")], est[(*lo, "general")])
+        rows.append(f"| mask ratio: too large drops downstream accuracy, too small loses the forgetting benefit "
+                    f"(Fig. 4) | downstream at 0.9 minus 0.5: {fmt_diff(d_down)}; general at 0.5 minus 0.1: "
+                    f"{fmt_diff(d_gen)} | "
+                    f"{_sign_verdict((-d_down[0], d_down[1]), 'large-ratio drop reproduces', 'contradicted')}; "
+                    f"{_sign_verdict(d_gen, 'small-ratio loss reproduces', 'contradicted')} |")
+    else:
+        rows.append("| mask ratio trade-off (Fig. 4) | - | pending: run the `sweeps` budget |")
+    few, many = ("slim", "experts2"), ("slim", "experts16")
+    if {few, many} <= have:
+        d_down = difference(est[(*many, "downstream")], est[(*few, "downstream")])
+        d_gen = difference(est[(*many, "general")], est[(*few, "general")])
+        flat = abs(d_gen[0]) <= 2 * d_gen[1]
+        rows.append(f"| more LoRA experts: better downstream, no effect on general ability (Fig. 6) | 16 minus 2 "
+                    f"experts: downstream {fmt_diff(d_down)}, general {fmt_diff(d_gen)} | "
+                    f"{_sign_verdict(d_down, 'downstream gain reproduces', 'contradicted')}; general "
+                    f"{'unchanged within 2 stderr' if flat else 'changed beyond 2 stderr'} |")
+    else:
+        rows.append("| more LoRA experts help downstream only (Fig. 6) | - | pending: run the `sweeps` budget |")
+    return rows
+
+
+def _curve_claim(groups: dict, base_est: dict) -> list[str]:
+    curves = {m: rs[0]["curve"] for (m, s), rs in groups.items() if s == "curve" and rs[0].get("curve")}
+    if not {"slim", "lora", "mixlora"} <= set(curves):
+        return ["| SLIM's general ability degrades less over training steps than LoRA's and MixLoRA's (Fig. 5) | - | "
+                "pending: run the `curves` budget |"]
+    drop = {m: base_est["general"].mean - min(c["general_mean"] for c in curves[m]) for m in curves}
+    se = base_est["general"].test_se * math.sqrt(2)
+    d = (min(drop["lora"], drop["mixlora"]) - drop["slim"], se)
+    return [f"| SLIM's general ability degrades less over training steps (Fig. 5) | largest drop below the base "
+            f"model over the curve: SLIM {100 * drop['slim']:.1f}, LoRA {100 * drop['lora']:.1f}, MixLoRA "
+            f"{100 * drop['mixlora']:.1f} pts (stderr of a difference about {100 * se:.1f}) | "
+            f"{_sign_verdict(d, 'reproduces', 'contradicted')} |"]
 
 
 # ================================================================================================ CLI

@@ -201,3 +201,34 @@ def test_math_score_is_the_last_number_of_the_generation(fg):
     assert fg.number_match(" 5 + 91 = 141", "96") == 0.0
     assert fg.number_match("", "3") == 0.0
     assert fg.number_match(" 1,000", "1000") == 1.0
+
+
+def test_claims_check_verdicts_follow_the_numbers(fg):
+    proto = fg.make_protocol("pilot")
+    base = {"kind": "base", **fake_scores(fg)}  # general mean 0.50, per-task stderr 0.05
+
+    def runs(**shifts):
+        out = {}
+        for method, shift in shifts.items():
+            run = fg.Run(method, "mds", 0)
+            out[run.run_id] = fake_run(fg, run, proto, shift=shift)
+        return out
+
+    ahead = runs(slim=0.0, lora=0.1)  # general: SLIM 0.50, LoRA 0.40
+    est = fg.estimate([ahead["mds__lora__seed0"]], "general")
+    assert est.mean == pytest.approx(0.4) and est.seeds == 1 and est.seed_std is None
+    assert est.test_se == pytest.approx(0.05 / 7**0.5)
+    d = fg.difference(fg.estimate([ahead["mds__slim__seed0"]], "general"), est)
+    assert d == (pytest.approx(0.1), pytest.approx(0.05 * (2 / 7) ** 0.5))
+    text = "\n".join(fg.claims_section(ahead, base))
+    assert "| LoRA | 1 / 1 | -10.0 ± 4.1* | +10.0 ± 2.7* | +0.0 ± 7.1 |" in text  # downstream: 3 tasks
+    claim = next(line for line in text.splitlines() if line.startswith("| SLIM keeps the most general"))
+    assert claim.endswith("| pending: main methods not run: dora, mixlora, mixlora_dy, loramoe, mola, ilora; "
+                          "reproduces |")
+    assert "reproduces on the general suite" in text
+    assert "pending: run `slim/no_identity`" in text and "pending: run the `curves` budget" in text
+
+    behind = "\n".join(fg.claims_section(runs(slim=0.2, lora=0.0), base))
+    assert "contradicted |" in next(line for line in behind.splitlines() if "SLIM keeps the most" in line)
+    close = "\n".join(fg.claims_section(runs(slim=0.0, lora=0.02), base))
+    assert "not resolved (same sign as the paper" in close
