@@ -471,7 +471,7 @@ class Study:
             c = time.process_time()
             gen = protocol == "generate"
             res = evaluate(model, tokenizer, [task], protocol=protocol, split="test", limit=limit,
-                           batch_size=p.eval_batch_size, progress=True, log_samples=gen)
+                           batch_size=p.eval_batch_size, progress=True, log_samples=True)
             r = res["tasks"][task]
             entry = {"score": r["score"], "stderr": r["stderr"], "metric": r["metric"], "n": r["n"],
                      "seconds": r["seconds"], "cpu_seconds": round(time.process_time() - c, 2),
@@ -482,6 +482,10 @@ class Study:
                 entry["metric"], entry["score"] = "number_match", statistics.fmean(hits)
                 entry["stderr"] = _binary_stderr(hits)
                 entry["examples"] = [{"generated": s["generated"], "gold": s["gold"]} for s in r["samples"][:5]]
+            else:
+                pred = "pred_norm" if r["metric"] == "acc_norm" else "pred"
+                hits = [float(s[pred] == s["gold"]) for s in r["samples"]]
+            entry.update(per_question(hits, [s["id"] for s in r["samples"]], entry["score"]))
             out[part][task] = entry
 
         if with_downstream:
@@ -685,6 +689,15 @@ def number_match(generated: str, gold: str) -> float:
 
     nums = re.findall(r"-?\d+(?:\.\d+)?", generated.replace(",", ""))
     return float(bool(nums) and nums[-1] == gold.strip())
+
+
+def per_question(hits: list[float], ids: list[str], score: float) -> dict[str, str]:
+    """A run's per-question outcomes of its primary metric ("0"/"1" per question, in test order) and a digest
+    of the question ids: two evaluations with the same digest answered the same questions, so their difference
+    can be taken question by question (see ``difference``)."""
+    if abs(statistics.fmean(hits) - score) > 1e-9:
+        raise AssertionError(f"per-question outcomes average {statistics.fmean(hits)}, the score is {score}")
+    return {"correct": "".join("1" if h else "0" for h in hits), "ids_digest": _hash(ids)}
 
 
 def _binary_stderr(values: list[float]) -> float | None:
@@ -1273,17 +1286,42 @@ def _score(src: dict, part: str) -> float:
 
 
 def estimate(rs: list[dict], part: str) -> Estimate:
+    """Mean over a group's seeds (the base model: a group of one)."""
     values = [_score(r, part) for r in rs]
     return Estimate(statistics.fmean(values), len(values), statistics.stdev(values) if len(values) > 1 else None,
                     statistics.fmean(_test_se(r, part) for r in rs))
 
 
-def difference(a: Estimate, b: Estimate) -> tuple[float, float]:
-    """a - b and its stderr. Conservative: the two evaluations share their questions, so the paired stderr of
-    the difference is smaller than this one, which treats the test-set errors as independent."""
-    var = a.test_se ** 2 + b.test_se ** 2
+def difference(a: Estimate, b: Estimate, paired_se: float | None = None) -> tuple[float, float]:
+    """a - b and its stderr. Without ``paired_se`` the test-set errors are counted as independent, which is
+    conservative: both evaluations answer the same questions. With it (``paired_test_se``), the test-set part
+    is the stderr of the question-by-question difference. The spread over seeds is added where measured."""
+    var = paired_se ** 2 if paired_se is not None else a.test_se ** 2 + b.test_se ** 2
     var += sum(e.seed_std ** 2 / e.seeds for e in (a, b) if e.seed_std is not None)
     return a.mean - b.mean, math.sqrt(var)
+
+
+def paired_test_se(a: list[dict], b: list[dict], part: str) -> float | None:
+    """Stderr of the mean over ``part``'s tasks of the question-by-question difference between two groups of
+    evaluations (each question's outcome averaged over a group's seeds), or None unless every evaluation
+    stored its per-question outcomes on the same questions."""
+    tasks = {"general": GENERAL_TASKS, "downstream": DOWNSTREAM_TASKS, "math": (MATH_TASK,)}[part]
+    var = 0.0
+    for t in tasks:
+        entries = [src[part][t] for src in a + b]
+        if any("correct" not in e for e in entries) or len({e["ids_digest"] for e in entries}) > 1:
+            return None
+        mean_a = [statistics.fmean(int(e["correct"][i]) for e in entries[: len(a)]) for i in range(entries[0]["n"])]
+        mean_b = [statistics.fmean(int(e["correct"][i]) for e in entries[len(a):]) for i in range(entries[0]["n"])]
+        d = [x - y for x, y in zip(mean_a, mean_b, strict=True)]
+        var += statistics.variance(d) / len(d)
+    return math.sqrt(var) / len(tasks)
+
+
+def compare(a: list[dict], b: list[dict], part: str) -> tuple[float, float]:
+    """Mean score of group ``a`` minus group ``b`` (runs or the base model) with its stderr, paired by question
+    where both stored their per-question outcomes."""
+    return difference(estimate(a, part), estimate(b, part), paired_test_se(a, b, part))
 
 
 def fmt_diff(d: tuple[float, float]) -> str:
@@ -1303,138 +1341,121 @@ def _sign_verdict(d: tuple[float, float], yes: str, no: str) -> str:
 def claims_section(runs: dict[str, dict], base: dict) -> list[str]:
     """The paper's claims next to what the stored runs show, with a verdict per claim (computed, not
     written by hand: a claim whose runs are missing is marked pending)."""
-    groups = group_runs(runs)
-    est = {(m, s, part): estimate(rs, part) for (m, s), rs in groups.items()
-           for part in ("general", "downstream", "math")}
-    base_est = {part: Estimate(_score(base, part), 1, None, _test_se(base, part))
-                for part in ("general", "downstream", "math")}
-    slim = ("slim", "mds")
-    have = {(m, s) for m, s, _ in est}
+    groups: dict[Any, list[dict]] = {**group_runs(runs), "base": [base]}
+    label = {k: rs[0]["method_label"] for k, rs in groups.items() if k != "base"}
+    paired = all("correct" in src["general"][GENERAL_TASKS[0]] for rs in groups.values() for src in rs)
+
+    def delta(a: Any, b: Any, part: str) -> tuple[float, float]:
+        return compare(groups[a], groups[b], part)
+
+    parts = ("downstream", "general", "math")
     lines = ["### The paper's claims at this scale", "",
-             "Differences in points ± stderr (conservative: test-set errors counted as independent although "
-             "every model answers the same questions, plus the spread over seeds where there are several); "
-             "`*` marks a difference beyond 2 stderr. One seed per method means seed noise is not yet measured.",
-             ""]
-    rows = ["| vs base model | seeds | downstream | general (7) | arithmetic |", "|---|---|---|---|---|"]
-    for key in sorted((k for k in have if k[1] == "mds"), key=_method_order):
-        rows.append(f"| {groups[key][0]['method_label']} | {len(groups[key])} | " + " | ".join(
-            fmt_diff(difference(est[(*key, p)], base_est[p])) for p in ("downstream", "general", "math")) + " |")
-    lines += rows + [""]
-    baselines = [k for k in sorted(have, key=_method_order) if k[1] == "mds" and k != slim]
-    if slim in have and baselines:
-        lines += ["| SLIM minus | seeds (SLIM / other) | downstream | general (7) | arithmetic |",
+             "Differences in points ± stderr; `*` marks a difference beyond 2 stderr. The stderr pairs the two "
+             "evaluations question by question where both stored their per-question outcomes "
+             + ("(all of them here)" if paired else "(not every run here: those pairs count the test-set errors "
+                                                     "as independent, which overstates the stderr)")
+             + ", and adds the spread over seeds where there are several (one seed: seed noise not measured).", ""]
+    main = sorted((k for k in groups if k != "base" and k[1] == "mds"), key=_method_order)
+    lines += ["| vs base model | seeds | downstream | general (7) | arithmetic |", "|---|---|---|---|---|"]
+    lines += [f"| {label[k]} | {len(groups[k])} | " + " | ".join(fmt_diff(delta(k, "base", p)) for p in parts) + " |"
+              for k in main]
+    slim = ("slim", "mds")
+    if slim in groups and len(main) > 1:
+        lines += ["", "| SLIM minus | seeds (SLIM / other) | downstream | general (7) | arithmetic |",
                   "|---|---|---|---|---|"]
-        for key in baselines:
-            lines.append(f"| {groups[key][0]['method_label']} | {len(groups[slim])} / {len(groups[key])} | " +
-                         " | ".join(fmt_diff(difference(est[(*slim, p)], est[(*key, p)]))
-                                    for p in ("downstream", "general", "math")) + " |")
-        lines.append("")
-    lines += ["| claim (paper) | what the stored runs show | verdict |", "|---|---|---|"]
-    lines += _claim_rows(est, base_est, have, groups)
+        lines += [f"| {label[k]} | {len(groups[slim])} / {len(groups[k])} | " +
+                  " | ".join(fmt_diff(delta(slim, k, p)) for p in parts) + " |" for k in main if k != slim]
+    lines += ["", "| claim (paper) | what the stored runs show | verdict |", "|---|---|---|"]
+    lines += [f"| {c} | {shown} | {verdict} |" for c, shown, verdict in _claims(groups, label, delta)]
     return lines + [""]
 
 
-def _claim_rows(est: dict, base_est: dict, have: set, groups: dict) -> list[str]:
+def _claims(groups: dict, label: dict, delta) -> list[tuple[str, str, str]]:
+    """(claim, evidence, verdict) rows."""
     slim = ("slim", "mds")
-    main = [k for k in have if k[1] == "mds"]
-    missing = [m for m in MAIN_METHODS if (m, "mds") not in have]
-    pending_main = f"pending: main methods not run: {', '.join(missing)}; " if missing else ""
+    main = [k for k in groups if k != "base" and k[1] == "mds"]
+    missing = [m for m in MAIN_METHODS if (m, "mds") not in groups]
+    pending = f"pending: main methods not run: {', '.join(missing)}; " if missing else ""
     rows = []
-
-    def row(claim: str, shown: str, verdict: str) -> None:
-        rows.append(f"| {claim} | {shown} | {verdict} |")
-
-    label = {k: groups[k][0]["method_label"] for k in have}
-    if slim in have and len(main) > 1:
+    if slim in groups and len(main) > 1:
         others = [k for k in main if k != slim]
-        d_gen = {k: difference(est[(*slim, "general")], est[(*k, "general")]) for k in others}
-        worst = min(d_gen, key=lambda k: d_gen[k][0] / d_gen[k][1])
+        d_gen = {k: delta(slim, k, "general") for k in others}
+        closest = min(d_gen, key=lambda k: d_gen[k][0] / d_gen[k][1])
         ahead = sum(d[0] > 0 for d in d_gen.values())
-        row("SLIM keeps the most general capability (Table 2: general average 75.65 vs LoRA 31.24, MixLoRA "
-            "51.08, LoRAMoE 66.39)",
-            f"SLIM's general mean is above {ahead} of {len(others)} baselines; closest: "
-            f"{label[worst]} ({fmt_diff(d_gen[worst])} pts)",
-            pending_main + _sign_verdict(d_gen[worst], "reproduces", "contradicted"))
-        best = max(others, key=lambda k: est[(*k, "downstream")].mean)
-        d_down = difference(est[(*slim, "downstream")], est[(*best, "downstream")])
-        row("SLIM matches the best baselines downstream (Table 1)",
-            f"SLIM minus the best baseline downstream ({label[best]}): {fmt_diff(d_down)} pts",
-            pending_main + ("does not reproduce (SLIM below by more than 2 stderr)" if d_down[0] < -2 * d_down[1]
-                            else "reproduces (no difference beyond 2 stderr, or SLIM ahead)"))
+        rows.append(("SLIM keeps the most general capability (Table 2: general average 75.65 vs LoRA 31.24, "
+                     "MixLoRA 51.08, LoRAMoE 66.39)",
+                     f"SLIM's general mean is above {ahead} of {len(others)} baselines; closest: {label[closest]} "
+                     f"({fmt_diff(d_gen[closest])} pts)",
+                     pending + _sign_verdict(d_gen[closest], "reproduces", "contradicted")))
+        best = max(others, key=lambda k: estimate(groups[k], "downstream").mean)
+        d_down = delta(slim, best, "downstream")
+        rows.append(("SLIM matches the best baselines downstream (Table 1)",
+                     f"SLIM minus the best baseline downstream ({label[best]}): {fmt_diff(d_down)} pts",
+                     pending + ("does not reproduce (SLIM below by more than 2 stderr)" if d_down[0] < -2 * d_down[1]
+                                else "reproduces (no difference beyond 2 stderr, or SLIM ahead)")))
     for key in (("lora", "mds"), ("dora", "mds")):
-        if key in have:
-            d_gen = difference(est[(*key, "general")], base_est["general"])
-            d_math = difference(est[(*key, "math")], base_est["math"])
-            row(f"{label[key]} forgets much (Table 2: LoRA MMLU 32.7 / GSM8K 0.0, DoRA 31.1 / 0.0, SLIM 65.8 / 76.1)",
-                f"{label[key]} minus base: general {fmt_diff(d_gen)}, arithmetic {fmt_diff(d_math)} pts",
-                _sign_verdict((-d_math[0], d_math[1]), "reproduces on arithmetic", "contradicted on arithmetic")
-                + "; " + _sign_verdict((-d_gen[0], d_gen[1]), "reproduces on the general suite",
-                                       "contradicted on the general suite"))
+        if key in groups:
+            d_gen, d_math = delta("base", key, "general"), delta("base", key, "math")
+            rows.append((f"{label[key]} forgets much (Table 2: LoRA MMLU 32.7 / GSM8K 0.0, DoRA 31.1 / 0.0, SLIM "
+                         "65.8 / 76.1)",
+                         f"base minus {label[key]}: general {fmt_diff(d_gen)}, arithmetic {fmt_diff(d_math)} pts",
+                         _sign_verdict(d_math, "reproduces on arithmetic", "contradicted on arithmetic") + "; " +
+                         _sign_verdict(d_gen, "reproduces on the general suite", "contradicted on the general suite")))
     for setting, what in (("no_identity", "identity experts"), ("no_yield", "weight yielding"),
                           ("no_merge", "dynamic merging")):
-        key = ("slim", setting)
-        if slim in have and key in have:
-            d = difference(est[(*slim, "general")], est[(*key, "general")])
-            row(f"removing {what} increases forgetting (Table 3)", f"SLIM minus w/o {what}: general {fmt_diff(d)}",
-                _sign_verdict(d, "reproduces", "contradicted"))
+        claim = f"removing {what} increases forgetting (Table 3)"
+        if {slim, ("slim", setting)} <= set(groups):
+            d = delta(slim, ("slim", setting), "general")
+            rows.append((claim, f"SLIM minus w/o {what}: general {fmt_diff(d)}",
+                         _sign_verdict(d, "reproduces", "contradicted")))
         else:
-            row(f"removing {what} increases forgetting (Table 3)", "-", f"pending: run `slim/{setting}`")
-    key = ("slim", "exact_merge")
-    if slim in have and key in have:
-        d_gen = difference(est[(*slim, "general")], est[(*key, "general")])
-        d_down = difference(est[(*slim, "downstream")], est[(*key, "downstream")])
-        row("fast (factor-masked) merging changes accuracy only slightly (Table 3)",
-            f"fast minus exact: downstream {fmt_diff(d_down)}, general {fmt_diff(d_gen)}",
-            "reproduces" if max(abs(d_gen[0]) - 2 * d_gen[1], abs(d_down[0]) - 2 * d_down[1]) <= 0
-            else "does not reproduce (a difference beyond 2 stderr)")
+            rows.append((claim, "-", f"pending: run `slim/{setting}`"))
+    claim = "fast (factor-masked) merging changes accuracy only slightly (Table 3)"
+    if {slim, ("slim", "exact_merge")} <= set(groups):
+        d_down, d_gen = (delta(slim, ("slim", "exact_merge"), p) for p in ("downstream", "general"))
+        rows.append((claim, f"fast minus exact: downstream {fmt_diff(d_down)}, general {fmt_diff(d_gen)}",
+                     "reproduces" if all(abs(d[0]) <= 2 * d[1] for d in (d_down, d_gen))
+                     else "does not reproduce (a difference beyond 2 stderr)"))
     else:
-        row("fast (factor-masked) merging changes accuracy only slightly (Table 3)", "-",
-            "pending: run `slim/exact_merge`")
-    rows += _sweep_claims(est, have)
-    rows += _curve_claim(groups, base_est)
-    return rows
+        rows.append((claim, "-", "pending: run `slim/exact_merge`"))
+    return rows + _sweep_claims(groups, delta) + _curve_claim(groups)
 
 
-def _sweep_claims(est: dict, have: set) -> list[str]:
-    rows = []
-    ref = ("slim", "mds")
-    lo, hi = ("slim", "mask0.1"), ("slim", "mask0.9")
-    if {ref, lo, hi} <= have:
-        d_down = difference(est[(*hi, "downstream")], est[(*ref, "downstream")])
-        d_gen = difference(est[(*ref, "general")], est[(*lo, "general")])
-        rows.append(f"| mask ratio: too large drops downstream accuracy, too small loses the forgetting benefit "
-                    f"(Fig. 4) | downstream at 0.9 minus 0.5: {fmt_diff(d_down)}; general at 0.5 minus 0.1: "
-                    f"{fmt_diff(d_gen)} | "
-                    f"{_sign_verdict((-d_down[0], d_down[1]), 'large-ratio drop reproduces', 'contradicted')}; "
-                    f"{_sign_verdict(d_gen, 'small-ratio loss reproduces', 'contradicted')} |")
+def _sweep_claims(groups: dict, delta) -> list[tuple[str, str, str]]:
+    ref, lo, hi = ("slim", "mds"), ("slim", "mask0.1"), ("slim", "mask0.9")
+    claim = "mask ratio: too large drops downstream accuracy, too small loses the forgetting benefit (Fig. 4)"
+    if {ref, lo, hi} <= set(groups):
+        d_down, d_gen = delta(ref, hi, "downstream"), delta(ref, lo, "general")
+        rows = [(claim, f"downstream at 0.5 minus 0.9: {fmt_diff(d_down)}; general at 0.5 minus 0.1: "
+                        f"{fmt_diff(d_gen)}",
+                 _sign_verdict(d_down, "large-ratio drop reproduces", "contradicted") + "; " +
+                 _sign_verdict(d_gen, "small-ratio loss reproduces", "contradicted"))]
     else:
-        rows.append("| mask ratio trade-off (Fig. 4) | - | pending: run the `sweeps` budget |")
+        rows = [(claim, "-", "pending: run the `sweeps` budget")]
     few, many = ("slim", "experts2"), ("slim", "experts16")
-    if {few, many} <= have:
-        d_down = difference(est[(*many, "downstream")], est[(*few, "downstream")])
-        d_gen = difference(est[(*many, "general")], est[(*few, "general")])
-        flat = abs(d_gen[0]) <= 2 * d_gen[1]
-        rows.append(f"| more LoRA experts: better downstream, no effect on general ability (Fig. 6) | 16 minus 2 "
-                    f"experts: downstream {fmt_diff(d_down)}, general {fmt_diff(d_gen)} | "
-                    f"{_sign_verdict(d_down, 'downstream gain reproduces', 'contradicted')}; general "
-                    f"{'unchanged within 2 stderr' if flat else 'changed beyond 2 stderr'} |")
+    claim = "more LoRA experts: better downstream, no effect on general ability (Fig. 6)"
+    if {few, many} <= set(groups):
+        d_down, d_gen = delta(many, few, "downstream"), delta(many, few, "general")
+        rows.append((claim, f"16 minus 2 experts: downstream {fmt_diff(d_down)}, general {fmt_diff(d_gen)}",
+                     _sign_verdict(d_down, "downstream gain reproduces", "contradicted") + "; general " +
+                     ("unchanged within 2 stderr" if abs(d_gen[0]) <= 2 * d_gen[1] else "changed beyond 2 stderr")))
     else:
-        rows.append("| more LoRA experts help downstream only (Fig. 6) | - | pending: run the `sweeps` budget |")
+        rows.append((claim, "-", "pending: run the `sweeps` budget"))
     return rows
 
 
-def _curve_claim(groups: dict, base_est: dict) -> list[str]:
-    curves = {m: rs[0]["curve"] for (m, s), rs in groups.items() if s == "curve" and rs[0].get("curve")}
+def _curve_claim(groups: dict) -> list[tuple[str, str, str]]:
+    claim = "SLIM's general ability degrades less over training steps than LoRA's and MixLoRA's (Fig. 5)"
+    curves = {k[0]: rs[0]["curve"] for k, rs in groups.items() if k != "base" and k[1] == "curve" and rs[0]["curve"]}
     if not {"slim", "lora", "mixlora"} <= set(curves):
-        return ["| SLIM's general ability degrades less over training steps than LoRA's and MixLoRA's (Fig. 5) | - | "
-                "pending: run the `curves` budget |"]
-    drop = {m: base_est["general"].mean - min(c["general_mean"] for c in curves[m]) for m in curves}
-    se = base_est["general"].test_se * math.sqrt(2)
+        return [(claim, "-", "pending: run the `curves` budget")]
+    base = groups["base"][0]
+    drop = {m: base["general_mean"] - min(c["general_mean"] for c in curves[m]) for m in curves}
+    se = _test_se(base, "general") * math.sqrt(2)  # curve points store no per-question outcomes: unpaired
     d = (min(drop["lora"], drop["mixlora"]) - drop["slim"], se)
-    return [f"| SLIM's general ability degrades less over training steps (Fig. 5) | largest drop below the base "
-            f"model over the curve: SLIM {100 * drop['slim']:.1f}, LoRA {100 * drop['lora']:.1f}, MixLoRA "
-            f"{100 * drop['mixlora']:.1f} pts (stderr of a difference about {100 * se:.1f}) | "
-            f"{_sign_verdict(d, 'reproduces', 'contradicted')} |"]
+    return [(claim, f"largest drop below the base model over the curve: SLIM {100 * drop['slim']:.1f}, LoRA "
+                    f"{100 * drop['lora']:.1f}, MixLoRA {100 * drop['mixlora']:.1f} pts (unpaired stderr of a "
+                    f"difference about {100 * se:.1f})", _sign_verdict(d, "reproduces", "contradicted"))]
 
 
 # ================================================================================================ CLI

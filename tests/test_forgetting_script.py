@@ -232,3 +232,19 @@ def test_claims_check_verdicts_follow_the_numbers(fg):
     assert "contradicted |" in next(line for line in behind.splitlines() if "SLIM keeps the most" in line)
     close = "\n".join(fg.claims_section(runs(slim=0.0, lora=0.02), base))
     assert "not resolved (same sign as the paper" in close
+
+
+def test_paired_stderr_pairs_questions_and_averages_seeds(fg):
+    def math_eval(correct, digest="q"):
+        return {"math": {fg.MATH_TASK: {"correct": correct, "ids_digest": digest, "n": len(correct)}}}
+
+    # d = (0, 1, 0, 0): sample variance 0.25, / 4 questions -> stderr 0.25
+    assert fg.paired_test_se([math_eval("1100")], [math_eval("1000")], "math") == pytest.approx(0.25)
+    # seeds averaged per question first: (1, .5, 0, 0) - (1, 0, 0, 0) = (0, .5, 0, 0) -> stderr 0.125
+    assert fg.paired_test_se([math_eval("1100"), math_eval("1000")], [math_eval("1000")], "math") == \
+        pytest.approx(0.125)
+    assert fg.paired_test_se([math_eval("1100")], [math_eval("1000", digest="other")], "math") is None
+    assert fg.paired_test_se([math_eval("1100")], [{"math": {fg.MATH_TASK: {"n": 4}}}], "math") is None
+    assert fg.per_question([1.0, 0.0], ["a", "b"], 0.5)["correct"] == "10"
+    with pytest.raises(AssertionError, match="per-question outcomes"):
+        fg.per_question([1.0, 0.0], ["a", "b"], 1.0)
