@@ -520,10 +520,11 @@ class Study:
     def _ensure_base(self) -> dict:
         path = self.base_path()
         data = load_json(path)
-        if data is not None and data.get("eval_digest") == self.protocol.eval_digest():
+        if base_is_current(data, self.protocol):
             return data
         if data is not None:
-            print(f"[forgetting] {path} was scored with other test sizes; re-scoring the base model")
+            print(f"[forgetting] {path} was scored with other test sizes or without per-question outcomes; "
+                  "re-scoring the base model")
         self._torch_setup()
         print(f"[forgetting] scoring the base model ({self.protocol.name} sizes)", flush=True)
         model, tok = self._load()
@@ -698,6 +699,13 @@ def per_question(hits: list[float], ids: list[str], score: float) -> dict[str, s
     if abs(statistics.fmean(hits) - score) > 1e-9:
         raise AssertionError(f"per-question outcomes average {statistics.fmean(hits)}, the score is {score}")
     return {"correct": "".join("1" if h else "0" for h in hits), "ids_digest": _hash(ids)}
+
+
+def base_is_current(base: dict | None, protocol: Protocol) -> bool:
+    """The stored base scores fit ``protocol``'s test sizes and carry per-question outcomes (for paired
+    differences); else the base model is scored again (deterministic: the scores themselves do not change)."""
+    return (base is not None and base.get("eval_digest") == protocol.eval_digest()
+            and all("correct" in e for part in ("downstream", "general", "math") for e in base[part].values()))
 
 
 def _binary_stderr(values: list[float]) -> float | None:
@@ -1573,7 +1581,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[forgetting] {r.run_id}: stored with another protocol or config; kept (use --rerun-stale)")
     study = Study(protocol, args.runs_dir, args.work_dir, threads=args.threads, keep_adapters=args.keep_adapters,
                   command=command_line(argv))
-    if todo and (base is None or base.get("eval_digest") != protocol.eval_digest()):
+    if todo and not base_is_current(base, protocol):
         run_isolated(study, "ensure_base", False)
     done = failures = streak = 0
     for r in todo:

@@ -60,6 +60,10 @@ def fake_run(fg, run, protocol, shift=0.1) -> dict:
 def store_base(fg, runs_dir: Path, protocol) -> None:
     base = {"kind": "base", "protocol": protocol.to_dict(), "eval_digest": protocol.eval_digest(),
             **fake_scores(fg), "wall_seconds": 30.0, "environment": env()}
+    for part in ("downstream", "general", "math"):  # per-question outcomes, as a current base stores them
+        for e in base[part].values():
+            hits = round(e["score"] * e["n"])
+            e.update(correct="1" * hits + "0" * (e["n"] - hits), ids_digest="fake")
     fg.write_json(runs_dir / protocol.name / "base.json", base)
 
 
@@ -145,6 +149,7 @@ def test_pending_runs_are_executed_and_stored(fg, tmp_path, monkeypatch):
     proto = fg.make_protocol("pilot", max_steps=2)
     store_base(fg, tmp_path, proto)
     monkeypatch.setattr(fg.Study, "execute", lambda self, run: fake_run(fg, run, proto))
+    monkeypatch.setattr(fg.Study, "ensure_base", lambda self, *a, **kw: pytest.fail("the base is stored"))
     args = ["--budget", "pilot", "--max-steps", "2", "--runs-dir", str(tmp_path), "--report",
             str(tmp_path / "r.md"), "--no-report", "--max-runs", "1", "--work-dir", str(tmp_path / "work")]
     assert fg.main(args) == 0
@@ -248,3 +253,13 @@ def test_paired_stderr_pairs_questions_and_averages_seeds(fg):
     assert fg.per_question([1.0, 0.0], ["a", "b"], 0.5)["correct"] == "10"
     with pytest.raises(AssertionError, match="per-question outcomes"):
         fg.per_question([1.0, 0.0], ["a", "b"], 1.0)
+
+
+def test_a_base_without_per_question_outcomes_is_scored_again(fg, tmp_path):
+    proto = fg.make_protocol("pilot")
+    store_base(fg, tmp_path, proto)
+    base = fg.load_json(tmp_path / proto.name / "base.json")
+    assert fg.base_is_current(base, proto)
+    del base["general"]["piqa"]["correct"]
+    assert not fg.base_is_current(base, proto)
+    assert not fg.base_is_current({**base, "eval_digest": "other"}, proto)
