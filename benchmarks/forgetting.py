@@ -1311,13 +1311,17 @@ def difference(a: Estimate, b: Estimate, paired_se: float | None = None) -> tupl
 
 def paired_test_se(a: list[dict], b: list[dict], part: str) -> float | None:
     """Stderr of the mean over ``part``'s tasks of the question-by-question difference between two groups of
-    evaluations (each question's outcome averaged over a group's seeds), or None unless every evaluation
-    stored its per-question outcomes on the same questions."""
+    evaluations (each question's outcome averaged over a group's seeds). Only the evaluations that stored
+    per-question outcomes enter (runs stored before they were recorded have none); None when a group has no
+    such evaluation or they answered different questions."""
     tasks = {"general": GENERAL_TASKS, "downstream": DOWNSTREAM_TASKS, "math": (MATH_TASK,)}[part]
+    a, b = ([src for src in g if all("correct" in src[part][t] for t in tasks)] for g in (a, b))
+    if not a or not b:
+        return None
     var = 0.0
     for t in tasks:
         entries = [src[part][t] for src in a + b]
-        if any("correct" not in e for e in entries) or len({e["ids_digest"] for e in entries}) > 1:
+        if len({e["ids_digest"] for e in entries}) > 1:
             return None
         mean_a = [statistics.fmean(int(e["correct"][i]) for e in entries[: len(a)]) for i in range(entries[0]["n"])]
         mean_b = [statistics.fmean(int(e["correct"][i]) for e in entries[len(a):]) for i in range(entries[0]["n"])]
@@ -1351,18 +1355,19 @@ def claims_section(runs: dict[str, dict], base: dict) -> list[str]:
     written by hand: a claim whose runs are missing is marked pending)."""
     groups: dict[Any, list[dict]] = {**group_runs(runs), "base": [base]}
     label = {k: rs[0]["method_label"] for k, rs in groups.items() if k != "base"}
-    paired = all("correct" in src["general"][GENERAL_TASKS[0]] for rs in groups.values() for src in rs)
+    with_outcomes = sum("correct" in src["general"][GENERAL_TASKS[0]] for rs in groups.values() for src in rs)
+    total = sum(len(rs) for rs in groups.values())
 
     def delta(a: Any, b: Any, part: str) -> tuple[float, float]:
         return compare(groups[a], groups[b], part)
 
     parts = ("downstream", "general", "math")
     lines = ["### The paper's claims at this scale", "",
-             "Differences in points ± stderr; `*` marks a difference beyond 2 stderr. The stderr pairs the two "
-             "evaluations question by question where both stored their per-question outcomes "
-             + ("(all of them here)" if paired else "(not every run here: those pairs count the test-set errors "
-                                                     "as independent, which overstates the stderr)")
-             + ", and adds the spread over seeds where there are several (one seed: seed noise not measured).", ""]
+             "Differences in points ± stderr; `*` marks a difference beyond 2 stderr. The stderr's test-set part "
+             "pairs the two sides question by question, from the evaluations that stored per-question outcomes "
+             f"({with_outcomes} of {total} here, the base model included); where a side has none, the test-set "
+             "errors are counted as independent, which overstates the stderr. The spread over seeds is added where "
+             "there are several (one seed: seed noise not measured).", ""]
     main = sorted((k for k in groups if k != "base" and k[1] == "mds"), key=_method_order)
     lines += ["| vs base model | seeds | downstream | general (7) | arithmetic |", "|---|---|---|---|---|"]
     lines += [f"| {label[k]} | {len(groups[k])} | " + " | ".join(fmt_diff(delta(k, "base", p)) for p in parts) + " |"

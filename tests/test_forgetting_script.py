@@ -249,7 +249,9 @@ def test_paired_stderr_pairs_questions_and_averages_seeds(fg):
     assert fg.paired_test_se([math_eval("1100"), math_eval("1000")], [math_eval("1000")], "math") == \
         pytest.approx(0.125)
     assert fg.paired_test_se([math_eval("1100")], [math_eval("1000", digest="other")], "math") is None
-    assert fg.paired_test_se([math_eval("1100")], [{"math": {fg.MATH_TASK: {"n": 4}}}], "math") is None
+    no_outcomes = {"math": {fg.MATH_TASK: {"n": 4}}}  # a run stored before outcomes were recorded
+    assert fg.paired_test_se([math_eval("1100")], [no_outcomes], "math") is None
+    assert fg.paired_test_se([math_eval("1100"), no_outcomes], [math_eval("1000")], "math") == pytest.approx(0.25)
     assert fg.per_question([1.0, 0.0], ["a", "b"], 0.5)["correct"] == "10"
     with pytest.raises(AssertionError, match="per-question outcomes"):
         fg.per_question([1.0, 0.0], ["a", "b"], 1.0)
