@@ -265,3 +265,13 @@ def test_a_base_without_per_question_outcomes_is_scored_again(fg, tmp_path):
     del base["general"]["piqa"]["correct"]
     assert not fg.base_is_current(base, proto)
     assert not fg.base_is_current({**base, "eval_digest": "other"}, proto)
+
+
+def test_readme_headline_is_replaced_between_markers_only(fg, tmp_path):
+    start, end = fg.README_MARKERS
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n{start}\nold table\n{end}\n## next\n")
+    assert fg.update_readme(["| new | table |"], readme)
+    assert readme.read_text() == f"# title\n{start}\n| new | table |\n{end}\n## next\n"
+    readme.write_text("# no markers\n")
+    assert not fg.update_readme(["x"], readme) and readme.read_text() == "# no markers\n"
