@@ -57,6 +57,7 @@ MODEL = "smollm2-135m"
 DOWNSTREAM_TASKS = ("openbookqa", "social_iqa", "boolq")
 GENERAL_TASKS = ("arc_easy", "arc_challenge", "piqa", "sciq", "hellaswag", "winogrande", "mmlu")
 MATH_TASK = "basic_arithmetic"
+PART_TASKS = {"downstream": DOWNSTREAM_TASKS, "general": GENERAL_TASKS, "math": (MATH_TASK,)}
 SHORT = {"openbookqa": "OBQA", "social_iqa": "SIQA", "boolq": "BoolQ", "arc_easy": "ARC-e", "arc_challenge": "ARC-c",
          "piqa": "PIQA", "sciq": "SciQ", "hellaswag": "HellaS", "winogrande": "WinoG", "mmlu": "MMLU",
          "basic_arithmetic": "Arith"}
@@ -695,7 +696,7 @@ def number_match(generated: str, gold: str) -> float:
 def per_question(hits: list[float], ids: list[str], score: float) -> dict[str, str]:
     """A run's per-question outcomes of its primary metric ("0"/"1" per question, in test order) and a digest
     of the question ids: two evaluations with the same digest answered the same questions, so their difference
-    can be taken question by question (see ``difference``)."""
+    can be taken question by question (see ``paired_test_se``)."""
     if abs(statistics.fmean(hits) - score) > 1e-9:
         raise AssertionError(f"per-question outcomes average {statistics.fmean(hits)}, the score is {score}")
     return {"correct": "".join("1" if h else "0" for h in hits), "ids_digest": _hash(ids)}
@@ -705,7 +706,7 @@ def base_is_current(base: dict | None, protocol: Protocol) -> bool:
     """The stored base scores fit ``protocol``'s test sizes and carry per-question outcomes (for paired
     differences); else the base model is scored again (deterministic: the scores themselves do not change)."""
     return (base is not None and base.get("eval_digest") == protocol.eval_digest()
-            and all("correct" in e for part in ("downstream", "general", "math") for e in base[part].values()))
+            and all("correct" in e for part in PART_TASKS for e in base[part].values()))
 
 
 def _binary_stderr(values: list[float]) -> float | None:
@@ -1013,7 +1014,7 @@ def measured_costs(data: dict[str, Any]) -> dict[str, Any]:
     for src in runs + bases:
         if src["environment"].get("threads") != 1:
             continue
-        for part in ("downstream", "general", "math"):
+        for part in PART_TASKS:
             for t, v in src.get(part, {}).items():
                 if v.get("cpu_seconds") is not None:
                     question.setdefault(t, []).append(v["cpu_seconds"] / max(1, v["n"]))
@@ -1334,7 +1335,7 @@ class Estimate:
 
 def _test_se(src: dict, part: str) -> float:
     """Binomial stderr of a run's (or the base model's) mean score over the tasks of ``part``."""
-    tasks = {"general": GENERAL_TASKS, "downstream": DOWNSTREAM_TASKS, "math": (MATH_TASK,)}[part]
+    tasks = PART_TASKS[part]
     return math.sqrt(sum(src[part][t]["stderr"] ** 2 for t in tasks)) / len(tasks)
 
 
@@ -1363,7 +1364,7 @@ def paired_test_se(a: list[dict], b: list[dict], part: str) -> float | None:
     evaluations (each question's outcome averaged over a group's seeds). Only the evaluations that stored
     per-question outcomes enter (runs stored before they were recorded have none); None when a group has no
     such evaluation or they answered different questions."""
-    tasks = {"general": GENERAL_TASKS, "downstream": DOWNSTREAM_TASKS, "math": (MATH_TASK,)}[part]
+    tasks = PART_TASKS[part]
     a, b = ([src for src in g if all("correct" in src[part][t] for t in tasks)] for g in (a, b))
     if not a or not b:
         return None
@@ -1410,7 +1411,7 @@ def claims_section(runs: dict[str, dict], base: dict) -> list[str]:
     def delta(a: Any, b: Any, part: str) -> tuple[float, float]:
         return compare(groups[a], groups[b], part)
 
-    parts = ("downstream", "general", "math")
+    parts = tuple(PART_TASKS)
     lines = ["### The paper's claims at this scale", "",
              "Differences in points ± stderr; `*` marks a difference beyond 2 stderr. The stderr's test-set part "
              "pairs the two sides question by question, from the evaluations that stored per-question outcomes "
@@ -1442,7 +1443,7 @@ def _claims(groups: dict, label: dict, delta) -> list[tuple[str, str, str]]:
     if slim in groups and len(main) > 1:
         others = [k for k in main if k != slim]
         d_gen = {k: delta(slim, k, "general") for k in others}
-        closest = min(d_gen, key=lambda k: d_gen[k][0] / d_gen[k][1])
+        closest = min(d_gen, key=lambda k: d_gen[k][0] / max(d_gen[k][1], 1e-12))
         ahead = sum(d[0] > 0 for d in d_gen.values())
         rows.append(("SLIM keeps the most general capability (Table 2: general average 75.65 vs LoRA 31.24, "
                      "MixLoRA 51.08, LoRAMoE 66.39)",
