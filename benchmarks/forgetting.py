@@ -1459,11 +1459,12 @@ def _claims(groups: dict, label: dict, delta) -> list[tuple[str, str, str]]:
     for key in (("lora", "mds"), ("dora", "mds")):
         if key in groups:
             d_gen, d_math = delta("base", key, "general"), delta("base", key, "math")
-            rows.append((f"{label[key]} forgets much (Table 2: LoRA MMLU 32.7 / GSM8K 0.0, DoRA 31.1 / 0.0, SLIM "
+            rows.append((f"{label[key]} forgets (Table 2: LoRA MMLU 32.7 / GSM8K 0.0, DoRA 31.1 / 0.0, SLIM "
                          "65.8 / 76.1)",
                          f"base minus {label[key]}: general {fmt_diff(d_gen)}, arithmetic {fmt_diff(d_math)} pts",
-                         _sign_verdict(d_math, "reproduces on arithmetic", "contradicted on arithmetic") + "; " +
-                         _sign_verdict(d_gen, "reproduces on the general suite", "contradicted on the general suite")))
+                         _sign_verdict(d_math, "direction reproduces on arithmetic", "contradicted on arithmetic")
+                         + "; " + _sign_verdict(d_gen, "direction reproduces on the general suite",
+                                                "contradicted on the general suite")))
     for setting, what in (("no_identity", "identity experts"), ("no_yield", "weight yielding"),
                           ("no_merge", "dynamic merging")):
         claim = f"removing {what} increases forgetting (Table 3)"

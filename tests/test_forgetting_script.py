@@ -230,7 +230,7 @@ def test_claims_check_verdicts_follow_the_numbers(fg):
     claim = next(line for line in text.splitlines() if line.startswith("| SLIM keeps the most general"))
     assert claim.endswith("| pending: main methods not run: dora, mixlora, mixlora_dy, loramoe, mola, ilora; "
                           "reproduces |")
-    assert "reproduces on the general suite" in text
+    assert "direction reproduces on the general suite" in text
     assert "pending: run `slim/no_identity`" in text and "pending: run the `curves` budget" in text
 
     behind = "\n".join(fg.claims_section(runs(slim=0.2, lora=0.0), base))
