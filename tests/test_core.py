@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from slim_peft.layers.experts import (
     masked_factors,
 )
 from slim_peft.layers.slim import SlimLinear, routers
+from slim_peft.model import CACHE_FIELD
 
 VOCAB = 128
 
@@ -390,6 +392,21 @@ def test_qwen2_slim_and_lora_and_generation():
         assert losses[-1] < losses[0]
         out = model.generate(input_ids=data["input_ids"][:1], max_new_tokens=5, do_sample=False)
         assert out.shape == (1, data["input_ids"].shape[1] + 5)
+
+
+@pytest.mark.parametrize("cfg", [sp.LoraConfig(r=4), sp.ILoraConfig(r=4, replay_capacity=4)], ids=["lora", "ilora"])
+def test_outputs_pass_the_cache_on_without_deprecation_warnings(monkeypatch, cfg):
+    """Our outputs carry the decoder's cache under the installed transformers' field name; transformers 5
+    logs a deprecation warning whenever the old name `past_key_values` is used."""
+    warned: list[str] = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: warned.append(str(msg)))
+    model = sp.get_adapter_model(tiny_llama(), cfg)
+    model.train()
+    for seed in (1, 2):  # I-LoRA: the second step replays the first batch and builds its own output
+        out = model(**batch(seed=seed), use_cache=True)
+    assert out.loss is not None
+    assert getattr(out, CACHE_FIELD) is not None
+    assert not [w for w in warned if "deprecated" in w], warned
 
 
 def test_selected_logits_matches_full_logits():

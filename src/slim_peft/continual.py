@@ -50,7 +50,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import AdapterConfig, ILoraConfig
 from .layers.base import ForwardContext, Method, find_targets, set_module
 from .layers.lora import LoraLinear
-from .model import AdapterModel
+from .model import AdapterModel, causal_lm_output
 
 
 class ILoraLinear(LoraLinear):
@@ -256,7 +256,7 @@ class ILoraModel(AdapterModel):
         cons = consistency_loss(h_fast, h_slow, replay["attention_mask"])
         loss = (out.loss + replay_ce) / 2 + self.adapter_config.consistency_weight * cons
         self._last_aux = {"replay_ce": replay_ce.detach(), "consistency": cons.detach()}
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits, past_key_values=out.past_key_values)
+        return causal_lm_output(loss, out.logits, out)
 
 
 ILORA_METHOD = Method(peft_type="ILORA", inject=inject_ilora, model_cls=ILoraModel)

@@ -36,6 +36,16 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FINGERPRINT_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "vocab_size")
 
+# The cache field of transformers' model outputs: `cache` in transformers 5 (where `past_key_values` is an alias
+# that logs a deprecation warning on every use), `past_key_values` before.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def causal_lm_output(loss: torch.Tensor | None, logits: torch.Tensor, source: Any) -> CausalLMOutputWithPast:
+    """An output with ``loss`` and ``logits`` that passes on ``source``'s cache, under the installed field name."""
+    return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(source, CACHE_FIELD, None)})
+
+
 METHODS: dict[str, Method] = {
     "lora": LORA_METHOD,
     "dora": DORA_METHOD,
@@ -117,7 +127,7 @@ class AdapterModel(nn.Module):
             self._collect_aux()
         if logits_mask is not None:
             logits = head(hidden[logits_mask.bool()]).float()
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=dec.past_key_values)
+        return causal_lm_output(loss, logits, dec)
 
     def _collect_aux(self) -> dict[str, tuple[torch.Tensor, float]]:
         aux = self.method.aux_losses(self.base_model, self.adapter_config, self.ctx)
