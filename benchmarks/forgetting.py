@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -1144,9 +1145,7 @@ def readme_headline(d: dict[str, Any], runs_dir: Path) -> list[str]:
     if (RESULTS_DIR / "forgetting_study_scatter.png").is_file():
         lines += ["![learn vs forget](benchmarks/results/forgetting_study_scatter.png)", ""]
     lines += observations(main, base)
-    groups: dict[Any, list[dict]] = {**group_runs(d["runs"]), "base": [base]}
-    label = {k: rs[0]["method_label"] for k, rs in groups.items() if k != "base"}
-    rows = _claims(groups, label, lambda a, b, part: compare(groups[a], groups[b], part))
+    rows = _claims(*comparison(d["runs"], base))
     if rows:
         claim, shown, verdict = rows[0]
         lines += [f"The paper's main claim, {claim}: {shown}; verdict: **{verdict}** (2-stderr rule; the "
@@ -1264,6 +1263,8 @@ def protocol_section(name: str, d: dict[str, Any], runs_dir: Path, out_dir: Path
         png = curves_plot(list(runs.values()), base, out_dir / f"forgetting_{name}_curves.png") if base else None
         if png:
             lines += [f"![curves](./{png.name})", ""]
+    if name == "study" and base and main:
+        lines += effects_section(runs, base) + discussion_section(runs, base)
     if name in ("study", "pilot"):
         lines += pending_section(name, runs_dir)
     if runs:
@@ -1298,10 +1299,21 @@ def observations(groups: dict[tuple, list], base: dict) -> list[str]:
         return []
     by_ret = sorted(rows, key=lambda r: -r[2])
     by_down = sorted(rows, key=lambda r: -r[1])
+    front = learn_forget_front([(n, d, r) for n, d, r, _ in rows])
     lines = ["Computed from the table above:", "",
              "- retention, highest first: " + ", ".join(f"{n} {100 * r:.1f}%" for n, _, r, _ in by_ret) + ";",
-             "- downstream mean, highest first: " + ", ".join(f"{n} {100 * d:.1f}" for n, d, _, _ in by_down) + "."]
+             "- downstream mean, highest first: " + ", ".join(f"{n} {100 * d:.1f}" for n, d, _, _ in by_down) + ";",
+             "- on the learn-forget front (no other method higher on both the downstream mean and retention; "
+             "means over seeds, before any stderr): " + ", ".join(front) + "."]
     return lines + [""]
+
+
+def learn_forget_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the (name, downstream, retention) points that no other point beats on both coordinates, in
+    order of falling downstream score."""
+    beaten = {n for n, d, r in points
+              if any(d2 >= d and r2 >= r and (d2, r2) != (d, r) for _, d2, r2 in points)}
+    return [n for n, _, _ in sorted(points, key=lambda p: -p[1]) if n not in beaten]
 
 
 def pending_section(name: str, runs_dir: Path) -> list[str]:
@@ -1400,17 +1412,24 @@ def _sign_verdict(d: tuple[float, float], yes: str, no: str) -> str:
     return f"not resolved ({'same' if d[0] >= 0 else 'opposite'} sign as the paper, within 2 stderr)"
 
 
-def claims_section(runs: dict[str, dict], base: dict) -> list[str]:
-    """The paper's claims next to what the stored runs show, with a verdict per claim (computed, not
-    written by hand: a claim whose runs are missing is marked pending)."""
+def comparison(runs: dict[str, dict], base: dict) -> tuple[dict[Any, list[dict]], dict[Any, str], Any]:
+    """The runs grouped by (method, setting) plus the base model as group "base", their labels, and
+    ``delta(a, b, part)``: group a minus group b with its stderr (``compare``)."""
     groups: dict[Any, list[dict]] = {**group_runs(runs), "base": [base]}
     label = {k: rs[0]["method_label"] for k, rs in groups.items() if k != "base"}
-    with_outcomes = sum("correct" in src["general"][GENERAL_TASKS[0]] for rs in groups.values() for src in rs)
-    total = sum(len(rs) for rs in groups.values())
 
     def delta(a: Any, b: Any, part: str) -> tuple[float, float]:
         return compare(groups[a], groups[b], part)
 
+    return groups, label, delta
+
+
+def claims_section(runs: dict[str, dict], base: dict) -> list[str]:
+    """The paper's claims next to what the stored runs show, with a verdict per claim (computed, not
+    written by hand: a claim whose runs are missing is marked pending)."""
+    groups, label, delta = comparison(runs, base)
+    with_outcomes = sum("correct" in src["general"][GENERAL_TASKS[0]] for rs in groups.values() for src in rs)
+    total = sum(len(rs) for rs in groups.values())
     parts = tuple(PART_TASKS)
     lines = ["### The paper's claims at this scale", "",
              "Differences in points ± stderr; `*` marks a difference beyond 2 stderr. The stderr's test-set part "
@@ -1520,6 +1539,119 @@ def _curve_claim(groups: dict) -> list[tuple[str, str, str]]:
     return [(claim, f"largest drop below the base model over the curve: SLIM {100 * drop['slim']:.1f}, LoRA "
                     f"{100 * drop['lora']:.1f}, MixLoRA {100 * drop['mixlora']:.1f} pts (unpaired stderr of a "
                     f"difference about {100 * se:.1f})", _sign_verdict(d, "reproduces", "contradicted"))]
+
+
+def effects_rows(groups: dict, delta) -> list[tuple[Any, dict[str, tuple[float, float]], float | None]]:
+    """Each stored SLIM setting other than the main one: (key, {part: setting minus main SLIM}, identity
+    share at evaluation), in the order of ``SETTINGS``."""
+    slim = ("slim", "mds")
+    if slim not in groups:
+        return []
+    keys = sorted((k for k in groups if k != "base" and k[0] == "slim" and k[1] not in ("mds", "curve")),
+                  key=lambda k: list(SETTINGS).index(k[1]))
+    rows = []
+    for k in keys:
+        shares = [(r.get("routing_eval") or {}).get("mean_identity_share") for r in groups[k]]
+        shares = [x for x in shares if x is not None]
+        rows.append((k, {p: delta(k, slim, p) for p in PART_TASKS}, statistics.fmean(shares) if shares else None))
+    return rows
+
+
+def effects_section(runs: dict[str, dict], base: dict) -> list[str]:
+    """What moves SLIM: every ablation, sweep and diagnostic setting minus the main SLIM runs."""
+    groups, _, delta = comparison(runs, base)
+    rows = effects_rows(groups, delta)
+    lines = ["### What moves SLIM: each setting minus the main SLIM runs", ""]
+    if not rows:
+        return lines + ["No ablation, sweep or diagnostic run is stored yet (budgets `ablations`, `sweeps`, "
+                        "`diagnostics`).", ""]
+    main_share = [(r.get("routing_eval") or {}).get("mean_identity_share") for r in groups[("slim", "mds")]]
+    main_share = [x for x in main_share if x is not None]
+    lines += ["Points ± stderr (paired by question; the setting's own seed noise is not measured with one seed, so "
+              "`*` is optimistic); identity share = mean routing weight on the identity experts at evaluation "
+              + (f"(main SLIM: {statistics.fmean(main_share):.3f})." if main_share else "."), "",
+              "| setting | group | seeds | downstream | general (7) | arithmetic | identity share |",
+              "|---|---|---|---|---|---|---|"]
+    for k, d, share in rows:
+        spec = SETTINGS[k[1]]
+        cells = [f"{spec.label} (`{k[1]}`)", spec.group, str(len(groups[k]))] + [fmt_diff(d[p]) for p in PART_TASKS]
+        lines.append("| " + " | ".join(cells + ["-" if share is None else f"{share:.3f}"]) + " |")
+    best_gen = max(rows, key=lambda row: row[1]["general"][0])
+    best_down = max(rows, key=lambda row: row[1]["downstream"][0])
+    lines += ["", f"Largest general-suite change up: {SETTINGS[best_gen[0][1]].label} "
+                  f"({fmt_diff(best_gen[1]['general'])}); largest downstream change up: "
+                  f"{SETTINGS[best_down[0][1]].label} ({fmt_diff(best_down[1]['downstream'])}).", ""]
+    return lines
+
+
+def verdict_kind(verdict: str) -> str:
+    """A claim's verdict in one word: pending, contradicted, reproduces, partly (one part reproduces, another is
+    unresolved) or unresolved."""
+    parts = verdict.split("; ")
+    if verdict.startswith("pending"):
+        return "pending"
+    if any("contradicted" in p or "does not reproduce" in p for p in parts):
+        return "contradicted"
+    ok = ["reproduces" in p and "not resolved" not in p for p in parts]
+    return "reproduces" if all(ok) else "partly" if any(ok) else "unresolved"
+
+
+def discussion_section(runs: dict[str, dict], base: dict) -> list[str]:
+    """The plain reading of the study, generated from the claims and effects above (so it cannot drift from the
+    numbers): what reproduces, what does not, how this setting differs from the paper's, and what was tried."""
+    groups, label, delta = comparison(runs, base)
+    claims = _claims(groups, label, delta)
+    lines = ["### Discussion (generated from the tables above)", ""]
+    if not claims:
+        return lines + ["Nothing to discuss yet: the main SLIM runs and at least one baseline are needed.", ""]
+    by_kind: dict[str, list[str]] = {}
+    for claim, _, verdict in claims:
+        by_kind.setdefault(verdict_kind(verdict), []).append(re.sub(r" \((Table|Fig)[^)]*\)$", "", claim))
+    for kind, head in (("reproduces", "Reproduces at this scale"), ("partly", "Partly reproduces"),
+                       ("unresolved", "Same direction as the paper but within 2 stderr"),
+                       ("contradicted", "Does not reproduce"), ("pending", "Pending (runs missing)")):
+        if by_kind.get(kind):
+            lines.append(f"- {head}: " + "; ".join(by_kind[kind]) + ".")
+    main = [k for k in groups if k != "base" and k[1] == "mds"]
+    proto = groups[main[0]][0]["protocol"] if main else None
+    if len(main) > 1 and proto:
+        gen = {k: -delta(k, "base", "general")[0] for k in main}
+        math_loss = {k: -delta(k, "base", "math")[0] for k in main}
+        worst_gen, worst_math = max(gen, key=gen.get), max(math_loss, key=math_loss.get)
+        points = [(label[k], estimate(groups[k], "downstream").mean, estimate(groups[k], "general").mean)
+                  for k in main]
+        front = learn_forget_front(points)
+        lines += ["", f"- Size: the largest general-suite loss of a main method is {100 * gen[worst_gen]:.1f} points "
+                      f"({label[worst_gen]}), the largest arithmetic loss {100 * math_loss[worst_math]:.1f} points "
+                      f"({label[worst_math]}); the paper reports LoRA's MMLU falling 65.8 -> 32.7 and GSM8K to 0 "
+                      f"after 2 epochs over the full datasets on an 8B model. {proto['max_steps']} steps x "
+                      f"{proto['per_device_batch'] * proto['grad_accum']} examples on a 135M model compare on "
+                      "direction and ordering only, not on size.",
+                  "- Trade-off: on the learn-forget front (no method higher on both means) are " + ", ".join(front)
+                  + "; " + ("SLIM is on it." if "SLIM" in front else "SLIM is not: a method is ahead on both.")]
+        slim = ("slim", "mds")
+        if slim in main:
+            best = max((k for k in main if k != slim), key=lambda k: estimate(groups[k], "downstream").mean)
+            d_down, d_gen = delta(slim, best, "downstream"), delta(slim, best, "general")
+            lines[-1] += (f" Against the best downstream baseline ({label[best]}) SLIM is {fmt_diff(d_down)} points "
+                          f"downstream and {fmt_diff(d_gen)} on the general suite.")
+        effects = effects_rows(groups, delta)
+        if effects:
+            moved = [f"{SETTINGS[k[1]].label} (downstream {fmt_diff(d['downstream'])}, general "
+                     f"{fmt_diff(d['general'])})" for k, d, _ in effects
+                     if any(abs(d[p][0]) > 2 * d[p][1] for p in ("downstream", "general"))]
+            lines.append("- What moves SLIM (settings beyond 2 stderr from the main SLIM runs): " +
+                         ("; ".join(moved) if moved else f"none of the {len(effects)} stored") + ".")
+        else:
+            lines.append("- What moves SLIM's retention (yield strength, mask ratio, L1 weight, cluster count, "
+                         "which layers): pending, the `ablations`, `sweeps` and `diagnostics` budgets.")
+    lines += ["", "Decided or tried to keep the comparison fair at this scale (see the methods table): each method "
+              "at its paper's learning rate (I-LoRA's scaled to our batch); LoRA/DoRA rank scaled to the model "
+              "width; the general suite scored with lm-eval's loglik templates and sized for a 1.5-point stderr; "
+              "differences paired question by question; arithmetic scored by the last number generated (first-line "
+              "exact match is 0 for every model); MMLU kept although the 135M model is at chance on it, so it "
+              "cannot separate methods.", ""]
+    return lines
 
 
 # ================================================================================================ CLI

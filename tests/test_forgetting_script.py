@@ -239,6 +239,50 @@ def test_claims_check_verdicts_follow_the_numbers(fg):
     assert "not resolved (same sign as the paper" in close
 
 
+def test_learn_forget_front_and_verdict_words(fg):
+    points = [("A", 0.40, 0.50), ("B", 0.38, 0.52), ("C", 0.37, 0.49), ("D", 0.40, 0.50)]
+    assert fg.learn_forget_front(points) == ["A", "D", "B"]  # C is beaten on both; identical points both kept
+    assert fg.verdict_kind("pending: main methods not run: dora; reproduces") == "pending"
+    assert fg.verdict_kind("reproduces") == "reproduces"
+    assert fg.verdict_kind("direction reproduces on arithmetic; direction reproduces on the general suite") == \
+        "reproduces"
+    assert fg.verdict_kind("direction reproduces on arithmetic; not resolved (same sign as the paper, within 2 "
+                           "stderr)") == "partly"
+    assert fg.verdict_kind("not resolved (opposite sign as the paper, within 2 stderr)") == "unresolved"
+    assert fg.verdict_kind("direction reproduces on arithmetic; contradicted on the general suite") == "contradicted"
+    assert fg.verdict_kind("does not reproduce (SLIM below by more than 2 stderr)") == "contradicted"
+
+
+def test_effects_table_and_discussion_follow_the_runs(fg):
+    proto = fg.make_protocol("pilot")
+    base = {"kind": "base", **fake_scores(fg)}  # downstream 0.30, general 0.50
+    runs = {}
+    for method, setting, shift in (("slim", "mds", 0.0), ("lora", "mds", 0.1), ("slim", "no_yield", 0.1),
+                                   ("slim", "mask0.3", 0.0)):
+        run = fg.Run(method, setting, 0)
+        runs[run.run_id] = fake_run(fg, run, proto, shift=shift)
+    effects = "\n".join(fg.effects_section(runs, base))
+    assert "| w/o weight yielding (`no_yield`) | ablation | 1 | +10.0 ± 4.1* | -10.0 ± 2.7* | +0.0 ± 7.1 | 0.300 |" \
+        in effects
+    assert "| mask ratio 0.3 (`mask0.3`) | mask_sweep | 1 | +0.0 ± 4.1 | +0.0 ± 2.7 | +0.0 ± 7.1 | 0.300 |" in effects
+    text = fg.discussion_section(runs, base)
+    reproduces = next(line for line in text if line.startswith("- Reproduces at this scale"))
+    assert "removing weight yielding increases forgetting" in reproduces
+    assert "- Partly reproduces: LoRA forgets." in text  # general suite beyond 2 stderr, arithmetic unchanged
+    assert "(Table" not in reproduces  # the paper's numbers stay in the claims table
+    pending = next(line for line in text if line.startswith("- Pending (runs missing): "))
+    assert "SLIM keeps the most general capability" in pending  # 6 main methods are missing
+    assert "removing identity experts increases forgetting" in pending
+    assert any("front (no method higher on both means) are LoRA, SLIM; SLIM is on it." in line for line in text)
+    assert any("the largest general-suite loss of a main method is 10.0 points (LoRA)" in line and
+               "20 steps x 16 examples" in line for line in text)
+    moved = next(line for line in text if line.startswith("- What moves SLIM"))
+    assert "w/o weight yielding (downstream +10.0 ± 4.1*, general -10.0 ± 2.7*)" in moved
+    assert "mask ratio 0.3" not in moved  # within noise of the main SLIM runs
+    assert fg.effects_section({k: v for k, v in runs.items() if v["setting"] == "mds"}, base)[-2].startswith(
+        "No ablation, sweep or diagnostic run is stored yet")
+
+
 def test_paired_stderr_pairs_questions_and_averages_seeds(fg):
     def math_eval(correct, digest="q"):
         return {"math": {fg.MATH_TASK: {"correct": correct, "ids_digest": digest, "n": len(correct)}}}
