@@ -734,8 +734,10 @@ def summarize(scores: dict) -> None:
 
 def environment() -> dict[str, Any]:
     import torch
+    import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
@@ -1284,8 +1286,13 @@ def _env_line(runs: dict, base: dict | None) -> str:
     envs = [r["environment"] for r in runs.values()] + ([base["environment"]] if base else [])
     e = envs[0]
     loads = [x.get("loadavg_1min") or 0 for x in envs]
-    return (f"{e['cpu_count']} CPU cores, {e['threads']} torch threads, torch {e['torch']}; 1-min load average "
-            f"at run end {min(loads):.1f}-{max(loads):.1f} (above {e['cpu_count']} means other jobs shared the "
+    hf = sorted({x["transformers"] for x in envs if x.get("transformers")})
+    hf_text = f", transformers {', '.join(hf)}" if hf else ""
+    unrecorded = sum(not x.get("transformers") for x in envs)
+    if hf and unrecorded:
+        hf_text += f" ({unrecorded} older evaluations did not record it)"
+    return (f"{e['cpu_count']} CPU cores, {e['threads']} torch threads, torch {e['torch']}{hf_text}; 1-min load "
+            f"average at run end {min(loads):.1f}-{max(loads):.1f} (above {e['cpu_count']} means other jobs shared the "
             f"cores and timings are inflated)")
 
 

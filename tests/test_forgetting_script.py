@@ -319,3 +319,12 @@ def test_readme_headline_is_replaced_between_markers_only(fg, tmp_path):
     assert readme.read_text() == f"# title\n{start}\n| new | table |\n{end}\n## next\n"
     readme.write_text("# no markers\n")
     assert not fg.update_readme(["x"], readme) and readme.read_text() == "# no markers\n"
+
+
+def test_runs_record_the_transformers_version_and_the_report_names_it(fg):
+    import transformers
+
+    assert fg.environment()["transformers"] == transformers.__version__
+    runs = {"a": {"environment": {**env(), "transformers": "5.24.0"}}, "b": {"environment": env()}}
+    assert "transformers 5.24.0 (1 older evaluations did not record it)" in fg._env_line(runs, None)
+    assert "transformers" not in fg._env_line({"b": {"environment": env()}}, None)
