@@ -203,7 +203,9 @@ def test_mixlora_ffn_equals_the_per_expert_ffns_in_both_dispatch_paths(top_p):
         grads[dispatch] = [xg.grad] + [p.grad.clone() for p in ffn.parameters() if p.requires_grad]
         ffn.zero_grad()
     for a, b in zip(grads["grouped"], grads["dense"], strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        # the two paths sum in different orders; where a gradient element is a near-cancellation of large terms,
+        # fp32 rounding is relative to the tensor's scale, not the element's (both are equally far from float64)
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
 
 
 def test_mixlora_ffn_reads_nothing_back_to_the_host(monkeypatch):
