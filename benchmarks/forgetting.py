@@ -1142,7 +1142,8 @@ def readme_headline(d: dict[str, Any], runs_dir: Path) -> list[str]:
              f"loglik templates on {sum(sizes.values()):,} test questions; Arith = basic_arithmetic by generation "
              f"({proto.math_limit} questions). Mean ± std over seeds. This block is written by the script from the "
              "stored runs; `benchmarks/results/forgetting.md` has the stderrs, the paper's claims checked one by "
-             "one, the ablations, sweeps and curves, and what is still pending.", ""]
+             "one, the ablations, sweeps and curves, what moves SLIM, a discussion generated from the verdicts, and "
+             "what is still pending.", ""]
     lines += downstream_table(main, base) + [""] + general_table(main, base) + [""]
     if (RESULTS_DIR / "forgetting_study_scatter.png").is_file():
         lines += ["![learn vs forget](benchmarks/results/forgetting_study_scatter.png)", ""]
