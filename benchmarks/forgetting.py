@@ -1062,7 +1062,20 @@ def projection(costs: dict[str, Any], protocol: Protocol, workers: int = 2) -> l
                      f"{train:.0f} | {eval_s:.0f} | {train + eval_s + 10:.0f} |")
     lines += ["", f"Main budget: base + 24 runs (+10 s model loading each) = {total / 3600:.2f} core-hours, i.e. "
               f"**{total / 3600 / workers:.2f} h with {workers} workers x 1 thread** on the 2 cores "
-              "(target: 6 h)."]
+              f"(target: 6 h: {'met' if total / workers <= 6 * 3600 else 'not met'})."]
+    # the other budgets: SLIM settings and curve runs; a curve run scores the general suite (and the math probe)
+    # at curve_points - 1 intermediate steps on top of its final evaluation
+    general_s = sum(n * q[t] for t, n in sizes.items() if t not in DOWNSTREAM_TASKS)
+    rest = 0.0
+    rest_runs = {r for b in ("ablations", "sweeps", "curves", "diagnostics") for r in plan(b) if r.setting != "mds"}
+    for r in rest_runs:
+        per = costs["step"].get(r.method, worst)
+        extra = (protocol.curve_points - 1) * general_s if SETTINGS[r.setting].curve else 0.0
+        rest += protocol.max_steps * per + eval_s + extra + 10
+    lines.append(f"The other budgets (ablations, sweeps, curves, diagnostics: {len(rest_runs)} runs at their "
+                 f"method's s/step; a curve run adds {protocol.curve_points - 1} general-suite scorings of "
+                 f"{general_s:.0f} s) = {rest / 3600:.2f} core-hours, i.e. **{rest / 3600 / workers:.2f} h** "
+                 f"(target: 4 h: {'met' if rest / workers <= 4 * 3600 else 'not met'}).")
     return lines
 
 
@@ -1275,6 +1288,7 @@ def protocol_section(name: str, d: dict[str, Any], runs_dir: Path, out_dir: Path
         total_train = sum(r["train"]["seconds"] for r in runs.values())
         total_wall = sum(r["wall_seconds"] for r in runs.values())
         lines += [f"{len(runs)} runs: {total_train / 3600:.2f} h training, {total_wall / 3600:.2f} h in all"
+                  f" ({total_wall / 7200:.2f} h with 2 workers sharing the 2 cores)"
                   + (f"; base model scored once in {base['wall_seconds']:.0f} s" if base else "") +
                   ". Machine: " + _env_line(runs, base) + ".", ""]
         lines += timing_table(runs) + [""]

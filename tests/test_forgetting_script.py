@@ -328,3 +328,20 @@ def test_runs_record_the_transformers_version_and_the_report_names_it(fg):
     runs = {"a": {"environment": {**env(), "transformers": "5.24.0"}}, "b": {"environment": env()}}
     assert "transformers 5.24.0 (1 older evaluations did not record it)" in fg._env_line(runs, None)
     assert "transformers" not in fg._env_line({"b": {"environment": env()}}, None)
+
+
+def test_projection_adds_up_the_measured_costs_and_says_whether_the_targets_hold(fg):
+    proto = fg.PROTOCOLS["study"]
+    tasks = [*fg.DOWNSTREAM_TASKS, *fg.GENERAL_TASKS, fg.MATH_TASK]
+    costs = {"step": {m: 1.0 for m in fg.MAIN_METHODS}, "question": {t: 0.01 for t in tasks}}
+    text = "\n".join(fg.projection(costs, proto))
+    assert "target: 6 h: met" in text and "target: 4 h: met" in text
+    n_questions = sum(min(proto.downstream_limit, n) for n in (247, 951, 1682)) + proto.math_limit + sum(
+        proto.general_limit(t) * (fg.MMLU_SUBJECTS if t == "mmlu" else 1) for t, _ in proto.general_sizes)
+    eval_s = 0.01 * n_questions
+    main_hours = (eval_s + 24 * (proto.max_steps + eval_s + 10)) / 3600
+    assert f"= {main_hours:.2f} core-hours" in text
+
+    slow = {"step": {m: 1000.0 for m in fg.MAIN_METHODS}, "question": costs["question"]}
+    text = "\n".join(fg.projection(slow, proto))
+    assert "target: 6 h: not met" in text and "target: 4 h: not met" in text
