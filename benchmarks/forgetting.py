@@ -1600,9 +1600,11 @@ def effects_section(runs: dict[str, dict], base: dict) -> list[str]:
         lines.append("| " + " | ".join(cells + ["-" if share is None else f"{share:.3f}"]) + " |")
     best_gen = max(rows, key=lambda row: row[1]["general"][0])
     best_down = max(rows, key=lambda row: row[1]["downstream"][0])
-    lines += ["", f"Largest general-suite change up: {SETTINGS[best_gen[0][1]].label} "
-                  f"({fmt_diff(best_gen[1]['general'])}); largest downstream change up: "
-                  f"{SETTINGS[best_down[0][1]].label} ({fmt_diff(best_down[1]['downstream'])}).", ""]
+    lines += ["", f"Highest general-suite change: {SETTINGS[best_gen[0][1]].label} "
+                  f"({fmt_diff(best_gen[1]['general'])}); highest downstream change: "
+                  f"{SETTINGS[best_down[0][1]].label} ({fmt_diff(best_down[1]['downstream'])})"
+                  + ("; no setting keeps more general capability than the main SLIM"
+                     if best_gen[1]["general"][0] <= 0 else "") + ".", ""]
     return lines
 
 

@@ -264,6 +264,8 @@ def test_effects_table_and_discussion_follow_the_runs(fg):
     effects = "\n".join(fg.effects_section(runs, base))
     assert "| w/o weight yielding (`no_yield`) | ablation | 1 | +10.0 ± 4.1* | -10.0 ± 2.7* | +0.0 ± 7.1 | 0.300 |" \
         in effects
+    assert "Highest general-suite change: mask ratio 0.3 (+0.0 ± 2.7); highest downstream change: w/o weight " \
+        "yielding (+10.0 ± 4.1*); no setting keeps more general capability than the main SLIM." in effects
     assert "| mask ratio 0.3 (`mask0.3`) | mask_sweep | 1 | +0.0 ± 4.1 | +0.0 ± 2.7 | +0.0 ± 7.1 | 0.300 |" in effects
     text = fg.discussion_section(runs, base)
     reproduces = next(line for line in text if line.startswith("- Reproduces at this scale"))
