@@ -1073,7 +1073,8 @@ def projection(costs: dict[str, Any], protocol: Protocol, workers: int = 2) -> l
         extra = (protocol.curve_points - 1) * general_s if SETTINGS[r.setting].curve else 0.0
         rest += protocol.max_steps * per + eval_s + extra + 10
     lines.append(f"The other budgets (ablations, sweeps, curves, diagnostics: {len(rest_runs)} runs at their "
-                 f"method's s/step; a curve run adds {protocol.curve_points - 1} general-suite scorings of "
+                 f"method's s/step, so settings that do more work per step, such as exact merging, are priced low; "
+                 f"a curve run adds {protocol.curve_points - 1} general-suite scorings of "
                  f"{general_s:.0f} s) = {rest / 3600:.2f} core-hours, i.e. **{rest / 3600 / workers:.2f} h** "
                  f"(target: 4 h: {'met' if rest / workers <= 4 * 3600 else 'not met'}).")
     return lines
