@@ -736,8 +736,11 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
+    from slim_peft.layers.base import adapter_dropout
+
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+            "adapter_dropout": type(adapter_dropout(0.1)).__name__,  # absent in runs trained with nn.Dropout
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
             "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
@@ -1307,9 +1310,13 @@ def _env_line(runs: dict, base: dict | None) -> str:
     unrecorded = sum(not x.get("transformers") for x in envs)
     if hf and unrecorded:
         hf_text += f" ({unrecorded} older evaluations did not record it)"
+    fast_drop = sum(x.get("adapter_dropout") == "LoraDropout" for x in [r["environment"] for r in runs.values()])
+    drop_text = (f"; adapter dropout: {len(runs) - fast_drop} runs with torch's nn.Dropout, {fast_drop} with "
+                 "LoraDropout (same distribution, cheaper CPU mask, another random stream: "
+                 "`benchmarks/results/dropout_speed.md`)") if fast_drop else ""
     return (f"{e['cpu_count']} CPU cores, {e['threads']} torch threads, torch {e['torch']}{hf_text}; 1-min load "
             f"average at run end {min(loads):.1f}-{max(loads):.1f} (above {e['cpu_count']} means other jobs shared the "
-            f"cores and timings are inflated)")
+            f"cores and timings are inflated){drop_text}")
 
 
 def observations(groups: dict[tuple, list], base: dict) -> list[str]:
@@ -1662,9 +1669,12 @@ def discussion_section(runs: dict[str, dict], base: dict) -> list[str]:
                           f"downstream and {fmt_diff(d_gen)} on the general suite.")
         effects = effects_rows(groups, delta)
         if effects:
-            moved = [f"{SETTINGS[k[1]].label} (downstream {fmt_diff(d['downstream'])}, general "
-                     f"{fmt_diff(d['general'])})" for k, d, _ in effects
-                     if any(abs(d[p][0]) > 2 * d[p][1] for p in ("downstream", "general"))]
+            part_names = {"downstream": "downstream", "general": "general", "math": "arithmetic"}
+            moved = []
+            for k, d, _ in effects:
+                beyond = [f"{name} {fmt_diff(d[p])}" for p, name in part_names.items() if abs(d[p][0]) > 2 * d[p][1]]
+                if beyond:
+                    moved.append(f"{SETTINGS[k[1]].label} ({', '.join(beyond)})")
             lines.append("- What moves SLIM (settings beyond 2 stderr from the main SLIM runs): " +
                          ("; ".join(moved) if moved else f"none of the {len(effects)} stored") + ".")
         else:

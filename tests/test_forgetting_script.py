@@ -258,9 +258,11 @@ def test_effects_table_and_discussion_follow_the_runs(fg):
     base = {"kind": "base", **fake_scores(fg)}  # downstream 0.30, general 0.50
     runs = {}
     for method, setting, shift in (("slim", "mds", 0.0), ("lora", "mds", 0.1), ("slim", "no_yield", 0.1),
-                                   ("slim", "mask0.3", 0.0)):
+                                   ("slim", "mask0.3", 0.0), ("slim", "mask0.7", 0.0)):
         run = fg.Run(method, setting, 0)
         runs[run.run_id] = fake_run(fg, run, proto, shift=shift)
+    runs["mask0.7__slim__seed0"]["math"][fg.MATH_TASK]["score"] = 0.6  # only arithmetic moves
+    fg.summarize(runs["mask0.7__slim__seed0"])
     effects = "\n".join(fg.effects_section(runs, base))
     assert "| w/o weight yielding (`no_yield`) | ablation | 1 | +10.0 ± 4.1* | -10.0 ± 2.7* | +0.0 ± 7.1 | 0.300 |" \
         in effects
@@ -281,6 +283,7 @@ def test_effects_table_and_discussion_follow_the_runs(fg):
     moved = next(line for line in text if line.startswith("- What moves SLIM"))
     assert "w/o weight yielding (downstream +10.0 ± 4.1*, general -10.0 ± 2.7*)" in moved
     assert "mask ratio 0.3" not in moved  # within noise of the main SLIM runs
+    assert "mask ratio 0.7 (arithmetic +50.0 ± 7.1*)" in moved
     assert fg.effects_section({k: v for k, v in runs.items() if v["setting"] == "mds"}, base)[-2].startswith(
         "No ablation, sweep or diagnostic run is stored yet")
 
@@ -347,3 +350,11 @@ def test_projection_adds_up_the_measured_costs_and_says_whether_the_targets_hold
     slow = {"step": {m: 1000.0 for m in fg.MAIN_METHODS}, "question": costs["question"]}
     text = "\n".join(fg.projection(slow, proto))
     assert "target: 6 h: not met" in text and "target: 4 h: not met" in text
+
+
+def test_runs_record_their_adapter_dropout_and_the_report_counts_each_kind(fg):
+    assert fg.environment()["adapter_dropout"] == "LoraDropout"
+    runs = {"a": {"environment": {**env(), "adapter_dropout": "LoraDropout"}}, "b": {"environment": env()},
+            "c": {"environment": env()}}
+    assert "adapter dropout: 2 runs with torch's nn.Dropout, 1 with LoraDropout" in fg._env_line(runs, None)
+    assert "dropout" not in fg._env_line({"b": {"environment": env()}}, None)

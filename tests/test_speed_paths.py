@@ -9,14 +9,20 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import slim_peft as sp
+from slim_peft.layers.base import LoraDropout
 from slim_peft.layers.experts import (
     choose_dispatch,
+    dare_mixture,
+    dare_weights,
     dense_gates,
     dense_mixture,
+    drop_rescale_mask,
+    exact_dare_mixture,
     expert_rows_loop,
     grouped_mixture,
     grouped_mixture_loop,
@@ -322,3 +328,67 @@ def test_cuda_logits_match_cpu():
             ref = model(input_ids=ids).logits
             got = model.cuda()(input_ids=ids.cuda()).logits.cpu()
         torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_lora_dropout_keeps_1_minus_p_and_rescales_like_nn_dropout(p):
+    drop = LoraDropout(p).train()
+    x = torch.rand(1000, 1000) + 1.0  # no zeros, so a zero output means dropped
+    y = drop(x)
+    kept = y != 0
+    n = x.numel()
+    rate = kept.float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5  # 5 standard errors
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    assert not torch.equal(drop(x) != 0, kept)  # a fresh mask per call
+    torch.manual_seed(3)
+    a = drop(x)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), a)  # reproducible from the global RNG (resume restores it)
+    # neighbouring elements share a 64-bit draw but not a mask bit: no correlation between them
+    k = kept.reshape(-1, 4).float()
+    corr = torch.corrcoef(k.t())
+    assert (corr - torch.eye(4)).abs().max() < 0.01
+    assert drop.eval()(x) is x  # eval: identity
+    assert isinstance(drop, nn.Dropout)  # DoRA's "recompute W x on dropout(x)" rule still sees a dropout
+
+
+def test_lora_dropout_gradient_is_its_mask():
+    drop = LoraDropout(0.3).train()
+    x = torch.randn(64, 48, requires_grad=True)
+    y = drop(x)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.where(y != 0, 1 / 0.7, 0.0))
+
+
+def test_every_adapter_family_uses_the_fast_dropout():
+    for cfg in (sp.LoraConfig(r=4), sp.DoraConfig(r=4), sp.SlimConfig(r=4), sp.MixLoraConfig(r=4),
+                sp.LoraMoeConfig(r=4), sp.MolaConfig(r=4, experts_per_layer=[2, 2]), sp.ILoraConfig(r=4)):
+        model = sp.get_adapter_model(tiny_llama(), cfg)
+        drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+        assert drops and all(isinstance(m, LoraDropout) for m in drops), cfg.method
+
+
+@pytest.mark.parametrize("d_in", [64, 62])  # 62: strides _grouped_mm refuses, so the loop runs
+def test_grouped_exact_dare_equals_the_dense_reference_in_values_and_gradients(d_in):
+    x, A, B, idx, w, _ = problem(E=4, r=8, d_in=d_in, d_out=96, T=30, K=2, num_identity=2)
+    mask = drop_rescale_mask((4, 96, d_in), 0.5)
+    assert grouped_mm_fits(x, A, B) == (d_in == 64)
+    want = exact_dare_mixture(x, A, B, dense_gates(idx, w, 4), mask)
+    got = dare_mixture(x, dare_weights(A, B, mask), idx, w)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))  # row 0 picked only identity experts
+    grads = [torch.autograd.grad(y.square().sum(), (x, A, B, w)) for y in (want, got)]
+    for g_want, g_got in zip(*grads, strict=True):
+        torch.testing.assert_close(g_got, g_want, atol=1e-3, rtol=1e-4)
+
+
+def test_training_dare_mask_is_dare():
+    p = 0.3
+    mask = drop_rescale_mask((8, 300, 400), p)  # global RNG: the 16-bit draw
+    assert torch.equal(mask.unique(), torch.tensor([0.0, 1 / (1 - p)]))
+    assert abs((mask > 0).float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / mask.numel()) ** 0.5
+    assert set(drop_rescale_mask((8, 30, 40), p, rescale=False).unique().tolist()) == {0.0, 1.0}
+    g = torch.Generator().manual_seed(0)
+    fixed = (torch.rand(8, 30, 40, generator=torch.Generator().manual_seed(0)) >= p).float() / (1 - p)
+    assert torch.equal(drop_rescale_mask((8, 30, 40), p, generator=g), fixed)  # seeded: the float draw, as before

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .base import kaiming_uniform_
+from .base import dropout_noise, kaiming_uniform_
 
 DENSE_MAX_TOTAL_RANK = 128  # `dispatch="auto"`: dense up to this E * r ...
 DENSE_MAX_EXPERTS_PER_PICK = 4  # ... and while E <= 4 K (dense work E r vs grouped work K r per row)
@@ -126,10 +126,14 @@ def _probe_grouped_mm(device: str, dtype: torch.dtype) -> bool:
 def grouped_mm_fits(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
     """Whether `grouped_rows` can run: `_grouped_mm` works here and the strides are 16-byte aligned (d_in,
     d_out and r multiples of 16 / element size)."""
-    if x.dtype != A.dtype or A.dtype != B.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    return _grouped_mm_fits(x, (A, B), (A.shape[1], A.shape[2], B.shape[1]))
+
+
+def _grouped_mm_fits(x: torch.Tensor, weights: tuple[torch.Tensor, ...], dims: tuple[int, ...]) -> bool:
+    if any(w.dtype != x.dtype for w in weights) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     step = 16 // x.element_size()
-    if any(n % step for n in (A.shape[1], A.shape[2], B.shape[1])):
+    if any(n % step for n in dims):
         return False
     return grouped_mm_available(str(x.device), x.dtype)
 
@@ -186,23 +190,26 @@ def grouped_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_id
     """out + sum over the selected (token, expert) pairs of w B_e A_e x_t, accumulated into `out` in place.
     expert_idx: T x K ids; ids >= E (identity experts) add nothing; expert_w: T x K weights. Sync-free with
     `torch._grouped_mm`, else the loop over experts."""
-    return _sorted_mixture(x, A, B, expert_idx, expert_w, out, expert_rows)
+    return _sorted_mixture(x, A.shape[0], B.shape[1], expert_idx, expert_w, out,
+                           lambda xs, offsets, w: expert_rows(xs, A, B, offsets, w))
 
 
 def grouped_mixture_loop(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
                          expert_w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Same result, always with the loop over experts (one host synchronisation per call): the reference in
     tests."""
-    return _sorted_mixture(x, A, B, expert_idx, expert_w, out, expert_rows_loop)
+    return _sorted_mixture(x, A.shape[0], B.shape[1], expert_idx, expert_w, out,
+                           lambda xs, offsets, w: expert_rows_loop(xs, A, B, offsets, w))
 
 
-def _sorted_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, expert_idx: torch.Tensor,
+def _sorted_mixture(x: torch.Tensor, num_experts: int, d_out: int, expert_idx: torch.Tensor,
                     expert_w: torch.Tensor, out: torch.Tensor | None, rows_fn: Callable[..., torch.Tensor]
                     ) -> torch.Tensor:
-    """Sort the pairs by expert, gather their rows, apply `rows_fn`, scatter-add into `out`."""
-    order, token, offsets = sort_pairs(expert_idx, A.shape[0])
-    y = rows_fn(x.index_select(0, token), A, B, offsets, expert_w.reshape(-1).index_select(0, order))
-    return _accumulator(out, x.shape[0], B.shape[1], y).index_add_(0, token, y)
+    """Sort the pairs by expert, gather their rows, apply `rows_fn(xs, offsets, row_w)`, scatter-add into
+    `out`."""
+    order, token, offsets = sort_pairs(expert_idx, num_experts)
+    y = rows_fn(x.index_select(0, token), offsets, expert_w.reshape(-1).index_select(0, order))
+    return _accumulator(out, x.shape[0], d_out, y).index_add_(0, token, y)
 
 
 # --- dispatch ---------------------------------------------------------------------------------------------
@@ -260,7 +267,11 @@ def drop_rescale_mask(shape: tuple[int, ...], p: float, rescale: bool = True,
                       generator: torch.Generator | None = None, device: torch.device | None = None
                       ) -> torch.Tensor:
     """DARE's elementwise mask m / (1 - p), m ~ Bernoulli(1 - p) (Yu et al. 2023, eq. delta' = m delta /
-    (1 - p))."""
+    (1 - p)). Draws from the global RNG (a new mask per training forward, E d_out d_in entries) take
+    `dropout_noise`'s 16-bit words, 4x cheaper on the CPU than one float per entry; seeded draws (SLIM's
+    fixed eval masks) keep the float draw, so a saved adapter evaluates with the masks it always had."""
+    if generator is None and p > 0:
+        return dropout_noise(torch.Size(shape), p, torch.float32, device, 1.0 / (1.0 - p) if rescale else 1.0)
     mask = (_uniform(shape, generator, device) >= p).float()
     return mask / (1.0 - p) if rescale else mask
 
@@ -271,10 +282,34 @@ def masked_factors(A: torch.Tensor, B: torch.Tensor, mask_a: torch.Tensor, mask_
     return A * mask_a.unsqueeze(1).to(A.dtype), B * mask_b.unsqueeze(2).to(B.dtype)
 
 
+def dare_weights(A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The exact form's masked updates (mask_e * B_e A_e)^T, (E + 1) x d_in x d_out in the layout
+    `_grouped_mm` takes, the last an all-zero expert for identity picks. Forms every B_e A_e."""
+    return _grouped_weights(torch.bmm(B, A) * mask, zero_expert=True)
+
+
+def dare_mixture(x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor, expert_w: torch.Tensor
+                 ) -> torch.Tensor:
+    """sum over the selected (token, expert) pairs of w (mask_e * B_e A_e) x_t, `weights` from `dare_weights`:
+    the exact DARE form with the (token, expert) pairs grouped as in `grouped_mixture`, so a token costs its
+    K dense products, not E (`exact_dare_mixture`); ids >= E (identity experts) add nothing."""
+    num_experts, d_in, d_out = weights.shape[0] - 1, weights.shape[1], weights.shape[2]
+
+    def rows(xs: torch.Tensor, offsets: torch.Tensor, row_w: torch.Tensor) -> torch.Tensor:
+        if _grouped_mm_fits(xs, (weights,), (d_in, d_out)):
+            y = torch._grouped_mm(xs, weights, offs=offsets)
+        else:  # loop over experts, reading the offsets on the host
+            bounds = [0] + offsets.tolist()
+            y = torch.cat([xs[bounds[e]:bounds[e + 1]] @ weights[e] for e in range(num_experts + 1)])
+        return y * row_w.unsqueeze(-1).to(y.dtype)
+
+    return _sorted_mixture(x, num_experts, d_out, expert_idx, expert_w, None, rows)
+
+
 def exact_dare_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor,
                        mask: torch.Tensor) -> torch.Tensor:
     """Reference form: sum_e gates[t, e] (mask_e * (B_e A_e)) x_t with an elementwise mask (E x d_out x d_in).
-    Forms every B_e A_e: for tests and the ablation only."""
+    Forms every B_e A_e and applies all E to every token: the plain reference for tests."""
     delta = torch.bmm(B, A) * mask  # E x d_out x d_in
     y = torch.einsum("ti,eoi->teo", x, delta)
     return (y * gates.unsqueeze(-1).to(y.dtype)).sum(1)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig, DoraConfig
-from .base import ForwardContext, Method, find_targets, set_module
+from .base import ForwardContext, Method, adapter_dropout, find_targets, set_module
 
 
 class LoraLinear(nn.Module):
@@ -26,7 +26,7 @@ class LoraLinear(nn.Module):
         self.base_layer = base_layer
         self.scaling = lora_alpha / r
         self.use_dora = use_dora
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout = adapter_dropout(lora_dropout)
         device = base_layer.weight.device
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)

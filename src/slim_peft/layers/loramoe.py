@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, LoraMoeConfig
-from .base import ForwardContext, Method, find_targets, set_module
+from .base import ForwardContext, Method, adapter_dropout, find_targets, set_module
 from .experts import LoraExpertBank, dense_mixture
 from .mixlora import StatsRouter
 
@@ -68,7 +68,7 @@ class LoraMoeLinear(nn.Module):
         self.ctx = ctx
         self.scaling = cfg.scaling
         device = base_layer.weight.device
-        self.lora_dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout = adapter_dropout(cfg.lora_dropout)
         self.experts = LoraExpertBank(cfg.num_experts, base_layer.in_features, base_layer.out_features, cfg.r,
                                       device=device)
         self.router = StatsRouter(base_layer.in_features, cfg.num_experts, "kaiming", device=device)

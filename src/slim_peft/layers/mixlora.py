@@ -42,7 +42,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FFN_PROJ, AdapterConfig, MixLoraConfig
-from .base import ForwardContext, Method, TargetModuleError, find_targets, kaiming_uniform_, set_module
+from .base import (
+    ForwardContext,
+    Method,
+    TargetModuleError,
+    adapter_dropout,
+    find_targets,
+    kaiming_uniform_,
+    set_module,
+)
 from .experts import LoraExpertBank, expert_rows, mix_experts
 from .lora import LoraLinear
 from .routing import LinearRouter, switch_balance_loss, top_k_routing, top_p_routing
@@ -96,7 +104,7 @@ class ExpertProjection(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.scaling = lora_alpha / r
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout = adapter_dropout(lora_dropout)
         self.experts = LoraExpertBank(num_experts, base_layer.in_features, base_layer.out_features, r,
                                       device=base_layer.weight.device)
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, ConfigError, MolaConfig
-from .base import ForwardContext, Method, find_targets, layer_index, set_module
+from .base import ForwardContext, Method, adapter_dropout, find_targets, layer_index, set_module
 from .experts import LoraExpertBank, mix_experts
 from .mixlora import StatsRouter
 from .routing import switch_balance_loss, top_k_routing
@@ -55,7 +55,7 @@ class MolaLinear(nn.Module):
         self.ctx = ctx
         self.scaling = cfg.scaling
         device = base_layer.weight.device
-        self.lora_dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout = adapter_dropout(cfg.lora_dropout)
         self.experts = LoraExpertBank(num_experts, base_layer.in_features, base_layer.out_features, cfg.r,
                                       device=device)
         self.router = StatsRouter(base_layer.in_features, num_experts, cfg.router_init, cfg.router_init_std,

@@ -12,7 +12,8 @@ shared by its adapted projections; `routing="linear"`: one per adapted linear.
 
 Dynamic merging (item 7): the selected experts' low-rank factors are masked, B rows and A columns each
 dropped with probability q = 1 - sqrt(1 - p) and rescaled by 1 / (1 - p), so B' A' is an unbiased DARE-style
-drop-and-rescale of B A that never forms B A; `merge_form="exact"` applies DARE's elementwise mask to s B A.
+drop-and-rescale of B A that never forms B A; `merge_form="exact"` applies DARE's elementwise mask to s B A
+(forms every masked B_e A_e per forward, then applies it to its own tokens only: K dense products per token).
 
 Decisions where the paper is silent or garbled (all config fields, see SlimConfig and method.md):
 - distance "calibrated" (default): d = rho / tau - 1, tau a running mean of rho over training tokens;
@@ -33,18 +34,19 @@ extra pass over the T x d_out output. In eval without autograd the masked factor
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..config import FFN_PROJ, AdapterConfig, SlimConfig
-from .base import ForwardContext, Method, find_targets, set_module
+from .base import ForwardContext, Method, adapter_dropout, find_targets, set_module
 from .experts import (
     LoraExpertBank,
-    dense_gates,
+    dare_mixture,
+    dare_weights,
     drop_rescale_mask,
-    exact_dare_mixture,
     factor_masks,
     masked_factors,
     mix_experts,
@@ -220,7 +222,7 @@ class SlimLinear(nn.Module):
         self.ctx = ctx
         self.scaling = cfg.scaling
         device = base_layer.weight.device
-        self.lora_dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout = adapter_dropout(cfg.lora_dropout)
         self.experts = LoraExpertBank(cfg.num_lora_experts, base_layer.in_features, base_layer.out_features,
                                       cfg.r, device=device)
         if router is None:  # routing="linear": a router of its own, on its own input
@@ -228,7 +230,7 @@ class SlimLinear(nn.Module):
         self._shared_router = [router]  # a list, so the shared router is not registered twice
         self.mask_seed = cfg.merge_seed * 1_000_003 + zlib.crc32(name.encode())
         self._fixed_masks: tuple[torch.Tensor, ...] | None = None
-        self._factor_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._factor_cache: tuple[tuple, Any] | None = None  # (key, masked factors or dense DARE weights)
 
     @property
     def router(self) -> SlimRouter:
@@ -268,6 +270,17 @@ class SlimLinear(nn.Module):
             self._factor_cache = (key, (Am.contiguous(), Bm))
         return self._factor_cache[1]
 
+    def dare_weights(self, mask: torch.Tensor) -> torch.Tensor:
+        """The exact form's masked updates (`dare_weights`), cached like `factors` in eval without autograd
+        (fixed masks): forming E dense d_out x d_in products per forward would dominate evaluation."""
+        A, B = self.experts.lora_A, self.experts.lora_B
+        if self.training or torch.is_grad_enabled() or self.cfg.eval_mask != "fixed":
+            return dare_weights(A, B, mask)
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), id(mask))
+        if self._factor_cache is None or self._factor_cache[0] != key:
+            self._factor_cache = (key, dare_weights(A, B, mask))
+        return self._factor_cache[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         xt = x.reshape(-1, x.shape[-1])
@@ -281,8 +294,7 @@ class SlimLinear(nn.Module):
         out = result.reshape(-1, result.shape[-1])
         masks = self.masks()
         if masks is not None and len(masks) == 1:  # exact DARE form
-            gates = dense_gates(idx, weights, A.shape[0])
-            y = out + exact_dare_mixture(x_drop, A, self.experts.lora_B, gates, masks[0]).to(out.dtype)
+            y = out + dare_mixture(x_drop, self.dare_weights(masks[0]), idx, weights).to(out.dtype)
         else:
             y = mix_experts(x_drop, *self.factors(masks), idx, weights, self.cfg.dispatch, out=out)
         return y.view(result.shape)
