@@ -1563,12 +1563,17 @@ def _curve_claim(groups: dict) -> list[tuple[str, str, str]]:
     if not {"slim", "lora", "mixlora"} <= set(curves):
         return [(claim, "-", "pending: run the `curves` budget")]
     base = groups["base"][0]
-    drop = {m: base["general_mean"] - min(c["general_mean"] for c in curves[m]) for m in curves}
-    se = _test_se(base, "general") * math.sqrt(2)  # curve points store no per-question outcomes: unpaired
-    d = (min(drop["lora"], drop["mixlora"]) - drop["slim"], se)
-    return [(claim, f"largest drop below the base model over the curve: SLIM {100 * drop['slim']:.1f}, LoRA "
-                    f"{100 * drop['lora']:.1f}, MixLoRA {100 * drop['mixlora']:.1f} pts (unpaired stderr of a "
-                    f"difference about {100 * se:.1f})", _sign_verdict(d, "reproduces", "contradicted"))]
+    shown, verdicts = [], []
+    for part, key, name in (("general", "general_mean", "general suite"), ("math", "math", "arithmetic")):
+        if any(c.get(key) is None for m in ("slim", "lora", "mixlora") for c in curves[m]):
+            continue
+        drop = {m: _score(base, part) - min(c[key] for c in curves[m]) for m in curves}
+        se = _test_se(base, part) * math.sqrt(2)  # curve points store no per-question outcomes: unpaired
+        d = (min(drop["lora"], drop["mixlora"]) - drop["slim"], se)
+        shown.append(f"{name}: SLIM {100 * drop['slim']:.1f}, LoRA {100 * drop['lora']:.1f}, MixLoRA "
+                     f"{100 * drop['mixlora']:.1f} pts (unpaired stderr of a difference about {100 * se:.1f})")
+        verdicts.append(_sign_verdict(d, f"reproduces on the {name}", f"contradicted on the {name}"))
+    return [(claim, "largest drop below the base model over the curve, " + "; ".join(shown), "; ".join(verdicts))]
 
 
 def effects_rows(groups: dict, delta) -> list[tuple[Any, dict[str, tuple[float, float]], float | None]]:

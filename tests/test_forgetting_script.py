@@ -358,3 +358,23 @@ def test_runs_record_their_adapter_dropout_and_the_report_counts_each_kind(fg):
             "c": {"environment": env()}}
     assert "adapter dropout: 2 runs with torch's nn.Dropout, 1 with LoraDropout" in fg._env_line(runs, None)
     assert "dropout" not in fg._env_line({"b": {"environment": env()}}, None)
+
+
+def test_curve_claim_compares_the_largest_drops_on_both_parts(fg):
+    proto = fg.make_protocol("pilot")
+    base = {"kind": "base", **fake_scores(fg)}  # general 0.50, arithmetic 0.10
+    runs = {}
+    lows = {"lora": (0.40, 0.00), "mixlora": (0.42, 0.02), "slim": (0.49, 0.10)}
+    for method, (gen, arith) in lows.items():
+        run = fg.Run(method, "curve", 0)
+        runs[run.run_id] = fake_run(fg, run, proto)
+        runs[run.run_id]["curve"] = [{"step": 5, "general_mean": gen, "math": arith},
+                                     {"step": 10, "general_mean": 0.495, "math": 0.05}]
+    groups = fg.comparison(runs, base)[0]
+    [(claim, shown, verdict)] = fg._curve_claim(groups)
+    assert "general suite: SLIM 1.0, LoRA 10.0, MixLoRA 8.0 pts (unpaired stderr of a difference about 2.7)" in shown
+    assert "arithmetic: SLIM 5.0, LoRA 10.0, MixLoRA 8.0 pts" in shown  # SLIM's lowest point is 0.05
+    # general: 8.0 - 1.0 = 7.0 > 2 x 2.7; arithmetic: 3.0 within 2 x 7.1
+    assert verdict == "reproduces on the general suite; not resolved (same sign as the paper, within 2 stderr)"
+    del runs["curve__mixlora__seed0"]
+    assert fg._curve_claim(fg.comparison(runs, base)[0])[0][2] == "pending: run the `curves` budget"
