@@ -1623,14 +1623,18 @@ def effects_section(runs: dict[str, dict], base: dict) -> list[str]:
 
 def verdict_kind(verdict: str) -> str:
     """A claim's verdict in one word: pending, contradicted, reproduces, partly (one part reproduces, another is
-    unresolved) or unresolved."""
+    unresolved), opposite (unresolved, a part with the opposite sign to the paper's) or unresolved."""
     parts = verdict.split("; ")
     if verdict.startswith("pending"):
         return "pending"
     if any("contradicted" in p or "does not reproduce" in p for p in parts):
         return "contradicted"
     ok = ["reproduces" in p and "not resolved" not in p for p in parts]
-    return "reproduces" if all(ok) else "partly" if any(ok) else "unresolved"
+    if all(ok):
+        return "reproduces"
+    if any(ok):
+        return "partly"
+    return "opposite" if any("opposite sign" in p for p in parts) else "unresolved"
 
 
 def discussion_section(runs: dict[str, dict], base: dict) -> list[str]:
@@ -1646,6 +1650,7 @@ def discussion_section(runs: dict[str, dict], base: dict) -> list[str]:
         by_kind.setdefault(verdict_kind(verdict), []).append(re.sub(r" \((Table|Fig)[^)]*\)$", "", claim))
     for kind, head in (("reproduces", "Reproduces at this scale"), ("partly", "Partly reproduces"),
                        ("unresolved", "Same direction as the paper but within 2 stderr"),
+                       ("opposite", "Opposite direction to the paper, within 2 stderr"),
                        ("contradicted", "Does not reproduce"), ("pending", "Pending (runs missing)")):
         if by_kind.get(kind):
             lines.append(f"- {head}: " + "; ".join(by_kind[kind]) + ".")

@@ -248,7 +248,10 @@ def test_learn_forget_front_and_verdict_words(fg):
         "reproduces"
     assert fg.verdict_kind("direction reproduces on arithmetic; not resolved (same sign as the paper, within 2 "
                            "stderr)") == "partly"
-    assert fg.verdict_kind("not resolved (opposite sign as the paper, within 2 stderr)") == "unresolved"
+    assert fg.verdict_kind("not resolved (same sign as the paper, within 2 stderr)") == "unresolved"
+    assert fg.verdict_kind("not resolved (opposite sign as the paper, within 2 stderr)") == "opposite"
+    assert fg.verdict_kind("not resolved (opposite sign as the paper, within 2 stderr); general unchanged within "
+                           "2 stderr") == "opposite"
     assert fg.verdict_kind("direction reproduces on arithmetic; contradicted on the general suite") == "contradicted"
     assert fg.verdict_kind("does not reproduce (SLIM below by more than 2 stderr)") == "contradicted"
 
