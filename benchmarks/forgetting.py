@@ -1621,6 +1621,22 @@ def effects_section(runs: dict[str, dict], base: dict) -> list[str]:
     return lines
 
 
+def matched_downstream_line(groups: dict, best: Any, best_label: str, delta) -> str:
+    """The SLIM settings (ablations, sweeps, diagnostics) whose downstream mean reaches the best baseline's,
+    each minus that baseline: does SLIM keep more general capability at matched downstream accuracy?"""
+    bar = estimate(groups[best], "downstream").mean
+    keys = [k for k in groups if k != "base" and k[0] == "slim" and k[1] not in ("mds", "curve")
+            and estimate(groups[k], "downstream").mean >= bar]
+    head = f"- At matched downstream accuracy (SLIM settings at or above {best_label}'s {100 * bar:.1f})"
+    if not keys:
+        return head + ": none of the stored settings."
+    keys.sort(key=lambda k: -estimate(groups[k], "downstream").mean)
+    items = [f"{SETTINGS[k[1]].label} ({len(groups[k])} seed{'s' if len(groups[k]) > 1 else ''}): downstream "
+             f"{100 * estimate(groups[k], 'downstream').mean:.1f}, general minus {best_label} "
+             f"{fmt_diff(delta(k, best, 'general'))}, arithmetic {fmt_diff(delta(k, best, 'math'))}" for k in keys]
+    return head + ": " + "; ".join(items) + "."
+
+
 def verdict_kind(verdict: str) -> str:
     """A claim's verdict in one word: pending, contradicted, reproduces, partly (one part reproduces, another is
     unresolved), opposite (unresolved, a part with the opposite sign to the paper's) or unresolved."""
@@ -1677,6 +1693,7 @@ def discussion_section(runs: dict[str, dict], base: dict) -> list[str]:
             d_down, d_gen = delta(slim, best, "downstream"), delta(slim, best, "general")
             lines[-1] += (f" Against the best downstream baseline ({label[best]}) SLIM is {fmt_diff(d_down)} points "
                           f"downstream and {fmt_diff(d_gen)} on the general suite.")
+            lines.append(matched_downstream_line(groups, best, label[best], delta))
         effects = effects_rows(groups, delta)
         if effects:
             part_names = {"downstream": "downstream", "general": "general", "math": "arithmetic"}

@@ -283,6 +283,10 @@ def test_effects_table_and_discussion_follow_the_runs(fg):
     assert any("front (no method higher on both means) are LoRA, SLIM; SLIM is on it." in line for line in text)
     assert any("the largest general-suite loss of a main method is 10.0 points (LoRA)" in line and
                "20 steps x 16 examples" in line for line in text)
+    matched = next(line for line in text if line.startswith("- At matched downstream accuracy"))
+    assert matched.startswith("- At matched downstream accuracy (SLIM settings at or above LoRA's 40.0): w/o weight "
+                              "yielding (1 seed): downstream 40.0, general minus LoRA +0.0 ± ")
+    assert "mask ratio" not in matched  # 30.0 downstream: below LoRA's
     moved = next(line for line in text if line.startswith("- What moves SLIM"))
     assert "w/o weight yielding (downstream +10.0 ± 4.1*, general -10.0 ± 2.7*)" in moved
     assert "mask ratio 0.3" not in moved  # within noise of the main SLIM runs
