@@ -1618,7 +1618,29 @@ def effects_section(runs: dict[str, dict], base: dict) -> list[str]:
                   f"{SETTINGS[best_down[0][1]].label} ({fmt_diff(best_down[1]['downstream'])})"
                   + ("; no setting keeps more general capability than the main SLIM"
                      if best_gen[1]["general"][0] <= 0 else "") + ".", ""]
-    return lines
+    return lines + seed_offset_lines(groups)
+
+
+def seed_offset_lines(groups: dict) -> list[str]:
+    """How far the main SLIM run of each seed the settings used sits from the main SLIM mean: a single-seed
+    setting's difference carries that offset before any effect of the setting."""
+    main = groups[("slim", "mds")]
+    if len(main) < 2:
+        return []
+    used = sorted({r["seed"] for k, rs in groups.items() if k != "base" and k[0] == "slim"
+                   and k[1] not in ("mds", "curve") for r in rs})
+    offsets = []
+    for seed in used:
+        same = [r for r in main if r["seed"] == seed]
+        if same:
+            offsets.append(f"seed {seed}: " + ", ".join(
+                f"{name} {100 * (_score(same[0], p) - estimate(main, p).mean):+.1f}"
+                for p, name in (("downstream", "downstream"), ("general", "general"), ("math", "arithmetic"))))
+    if not offsets:
+        return []
+    return [f"The settings ran with seed(s) {', '.join(map(str, used))}; the main SLIM run of that seed minus the "
+            f"main SLIM mean over {len(main)} seeds is " + "; ".join(offsets) + " points, which every single-seed "
+            "difference above contains (same data order and initialisation as that run).", ""]
 
 
 def matched_downstream_line(groups: dict, best: Any, best_label: str, delta) -> str:

@@ -272,6 +272,11 @@ def test_effects_table_and_discussion_follow_the_runs(fg):
     assert "Highest general-suite change: mask ratio 0.3 (+0.0 ± 2.7); highest downstream change: w/o weight " \
         "yielding (+10.0 ± 4.1*); no setting keeps more general capability than the main SLIM." in effects
     assert "| mask ratio 0.3 (`mask0.3`) | mask_sweep | 1 | +0.0 ± 4.1 | +0.0 ± 2.7 | +0.0 ± 7.1 | 0.300 |" in effects
+    assert "main SLIM run of that seed" not in effects  # one main SLIM seed: no offset to report
+    run = fg.Run("slim", "mds", 1)
+    with_seed1 = {**runs, run.run_id: fake_run(fg, run, proto, shift=0.1)}  # main SLIM mean: downstream 35.0
+    assert "the main SLIM run of that seed minus the main SLIM mean over 2 seeds is seed 0: downstream -5.0, " \
+        "general +5.0, arithmetic +0.0 points" in "\n".join(fg.effects_section(with_seed1, base))
     text = fg.discussion_section(runs, base)
     reproduces = next(line for line in text if line.startswith("- Reproduces at this scale"))
     assert "removing weight yielding increases forgetting" in reproduces
