@@ -257,8 +257,9 @@ def test_slim_routing_and_layers_read_nothing_back_after_initialisation(monkeypa
 
 # --- cached masked factors ----------------------------------------------------------------------------------
 
-def test_cached_masked_factors_follow_weight_updates():
-    model = sp.get_adapter_model(tiny_llama(), sp.SlimConfig(r=4, mask_ratio=0.5))
+@pytest.mark.parametrize("merge_form", ["fast", "exact"])
+def test_cached_masked_factors_follow_weight_updates(merge_form):
+    model = sp.get_adapter_model(tiny_llama(), sp.SlimConfig(r=4, mask_ratio=0.5, merge_form=merge_form))
     randomize(model)
     model.eval()
     ids = torch.randint(0, VOCAB, (2, 10))

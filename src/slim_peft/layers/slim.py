@@ -34,6 +34,7 @@ extra pass over the T x d_out output. In eval without autograd the masked factor
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -257,28 +258,38 @@ class SlimLinear(nn.Module):
         return self._fixed_masks
 
     def factors(self, masks: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A', B'): the bank's factors with the fast masks applied. Without autograd in eval mode (generation,
-        evaluation) they are cached, keyed on the parameters' versions, with B' stored expert-rank-major so
-        that the dense path's (E r) x d_out view of it needs no copy per call (per decoded token)."""
+        """(A', B'): the bank's factors with the fast masks applied. Cached in eval (`_eval_cached`) with B'
+        stored expert-rank-major, so that the dense path's (E r) x d_out view of it needs no copy per call (per
+        decoded token)."""
         A, B = self.experts.lora_A, self.experts.lora_B
-        if self.training or torch.is_grad_enabled() or (masks is not None and self.cfg.eval_mask != "fixed"):
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             return (A, B) if masks is None else masked_factors(A, B, *masks)
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), None if masks is None else id(masks))
-        if self._factor_cache is None or self._factor_cache[0] != key:
-            Am, Bm = (A, B) if masks is None else masked_factors(A, B, *masks)
-            Bm = Bm.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (E, r, d_out) in memory
-            self._factor_cache = (key, (Am.contiguous(), Bm))
-        return self._factor_cache[1]
+
+        def for_cache() -> tuple[torch.Tensor, torch.Tensor]:
+            Am, Bm = build()
+            return Am.contiguous(), Bm.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (E, r, d_out)
+
+        return self._eval_cached(masks, build, for_cache)
 
     def dare_weights(self, mask: torch.Tensor) -> torch.Tensor:
-        """The exact form's masked updates (`dare_weights`), cached like `factors` in eval without autograd
-        (fixed masks): forming E dense d_out x d_in products per forward would dominate evaluation."""
+        """The exact form's masked updates (`dare_weights`), cached in eval like `factors`: forming E dense
+        d_out x d_in products per forward would dominate evaluation."""
+        def build() -> torch.Tensor:
+            return dare_weights(self.experts.lora_A, self.experts.lora_B, mask)
+
+        return self._eval_cached((mask,), build, build)
+
+    def _eval_cached(self, masks: tuple[torch.Tensor, ...] | None, build: Callable[[], Any],
+                     for_cache: Callable[[], Any]) -> Any:
+        """`build()` in training, with autograd or with resampled eval masks; otherwise (generation,
+        evaluation) `for_cache()`, kept while the factors' versions and the fixed masks are unchanged."""
+        if self.training or torch.is_grad_enabled() or (masks is not None and self.cfg.eval_mask != "fixed"):
+            return build()
         A, B = self.experts.lora_A, self.experts.lora_B
-        if self.training or torch.is_grad_enabled() or self.cfg.eval_mask != "fixed":
-            return dare_weights(A, B, mask)
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), id(mask))
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), None if masks is None else id(masks[0]))
         if self._factor_cache is None or self._factor_cache[0] != key:
-            self._factor_cache = (key, dare_weights(A, B, mask))
+            self._factor_cache = (key, for_cache())
         return self._factor_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
