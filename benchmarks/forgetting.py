@@ -298,11 +298,18 @@ def run_config(run: Run) -> dict[str, Any]:
     return cfg
 
 
-def plan(budget: str, methods: list[str] | None = None, seeds: list[int] | None = None) -> list[Run]:
-    """The runs of a budget, optionally restricted to some methods and replaced seeds, in execution order
-    (seed-major, so that every method gets its first seed before any gets its second)."""
+def plan(budget: str, methods: list[str] | None = None, seeds: list[int] | None = None,
+         settings: list[str] | None = None) -> list[Run]:
+    """The runs of a budget, optionally restricted to some methods and settings and with replaced seeds, in
+    execution order (seed-major, so that every method gets its first seed before any gets its second)."""
     b = BUDGETS[budget]
     pairs = b["runs"]
+    if settings:
+        in_budget = sorted({s for _, s in pairs})
+        unknown = [s for s in settings if s not in in_budget]
+        if unknown:
+            raise SystemExit(f"setting(s) {unknown} not in budget {budget!r}; choose from {in_budget}")
+        pairs = [p for p in pairs if p[1] in settings]
     if methods:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
@@ -1003,19 +1010,37 @@ def sweep_plot(runs: dict[str, dict], base: dict, path: Path) -> Path | None:
     return path
 
 
+def _current_code(src: dict[str, Any]) -> bool:
+    """Measured with the current training code: runs and step timings record `adapter_dropout` since
+    LoraDropout replaced nn.Dropout (older ones paid the slower dropout and mostly ran beside other jobs)."""
+    return "adapter_dropout" in src.get("environment", {})
+
+
 def measured_costs(data: dict[str, Any]) -> dict[str, Any]:
-    """Median CPU seconds per training step (per method) and per question (per task) over a protocol's stored
-    runs and base scores. CPU time of a 1-thread worker approximates its wall time on an idle core, and it is
-    far less distorted than wall time when other jobs share the machine."""
+    """CPU seconds of a 1-thread worker per training step (median per method, and per stored run) and per
+    question (median per task) over a protocol's stored runs, step timings and base scores. CPU time of a
+    1-thread worker approximates its wall time on an idle core, and it is far less distorted than wall time
+    when other jobs share the machine.
+
+    Where a method (or task) has measurements made with the current code (`_current_code`), only those are
+    used. A step timing (`--measure-steps`, the first N steps) is scaled to the runs' median tokens per step,
+    since its few batches are not the average length."""
     runs = list(data["runs"].values())
-    step: dict[str, list[float]] = {}
-    question: dict[str, list[float]] = {}
-    for r in runs:
-        if r["train"].get("cpu_seconds") and r["environment"].get("threads") == 1:
-            step.setdefault(r["method"], []).append(r["train"]["cpu_seconds"] / max(1, r["train"]["steps"]))
-    for st in data.get("steps", {}).values():
-        if st["environment"].get("threads") == 1:
-            step.setdefault(st["method"], []).append(st["cpu_seconds_per_step"])
+    one_thread = [r for r in runs if r["environment"].get("threads") == 1 and r["train"].get("cpu_seconds")]
+    tokens = _median([r["train"]["tokens_seen"] / max(1, r["train"]["steps"])
+                      for r in runs if r["train"].get("tokens_seen")])
+    step: dict[str, list[tuple[bool, float]]] = {}
+    run_step: dict[tuple[str, str], float] = {}
+    for r in one_thread:
+        per = r["train"]["cpu_seconds"] / max(1, r["train"]["steps"])
+        step.setdefault(r["method"], []).append((_current_code(r), per))
+        if _current_code(r):
+            run_step[(r.get("protocol", {}).get("name", ""), r["run_id"])] = per
+    timings = [st for st in data.get("steps", {}).values() if st["environment"].get("threads") == 1]
+    for st in timings:
+        scale = tokens / st["tokens_per_step"] if tokens and st.get("tokens_per_step") else 1.0
+        step.setdefault(st["method"], []).append((_current_code(st), st["cpu_seconds_per_step"] * scale))
+    question: dict[str, list[tuple[bool, float]]] = {}
     bases = data.get("bases") or ([data["base"]] if data.get("base") else [])
     for src in runs + bases:
         if src["environment"].get("threads") != 1:
@@ -1023,13 +1048,19 @@ def measured_costs(data: dict[str, Any]) -> dict[str, Any]:
         for part in PART_TASKS:
             for t, v in src.get(part, {}).items():
                 if v.get("cpu_seconds") is not None:
-                    question.setdefault(t, []).append(v["cpu_seconds"] / max(1, v["n"]))
+                    question.setdefault(t, []).append((_current_code(src), v["cpu_seconds"] / max(1, v["n"])))
     micro = sorted({f"{x['protocol']['per_device_batch']} x {x['protocol']['grad_accum']}"
                     for x in list(data.get("steps", {}).values()) + runs if x.get("protocol")})
-    return {"micro_batches": micro, "step": {m: statistics.median(v) for m, v in step.items()},
-            "question": {t: statistics.median(v) for t, v in question.items()},
-            "tokens_per_step": _median([r["train"]["tokens_seen"] / max(1, r["train"]["steps"])
-                                        for r in runs if r["train"].get("tokens_seen")])}
+    return {"micro_batches": micro, "step": _prefer_current(step), "question": _prefer_current(question),
+            "current": {k for k, v in step.items() if any(c for c, _ in v)}, "run_step": run_step,
+            "current_loads": [x["environment"]["loadavg_1min"] for x in one_thread + timings
+                              if _current_code(x) and x["environment"].get("loadavg_1min") is not None],
+            "tokens_per_step": tokens}
+
+
+def _prefer_current(values: dict[str, list[tuple[bool, float]]]) -> dict[str, float]:
+    """Median per key of the current-code values where there are any, else of all."""
+    return {k: statistics.median([x for c, x in v if c] or [x for _, x in v]) for k, v in values.items()}
 
 
 def _median(values: list[float]) -> float | None:
@@ -1061,22 +1092,26 @@ def projection(costs: dict[str, Any], protocol: Protocol, workers: int = 2) -> l
         per = costs["step"].get(m, worst)
         train = protocol.max_steps * per
         total += sum(1 for r in main_runs if r.method == m) * (train + eval_s + 10)
-        lines.append(f"| {m} | {per:.1f} | {'yes' if m in costs['step'] else 'no: slowest measured used'} | "
-                     f"{train:.0f} | {eval_s:.0f} | {train + eval_s + 10:.0f} |")
+        measured = ("current code" if m in costs.get("current", ()) else "older code") if m in costs["step"] \
+            else "no: slowest measured used"
+        lines.append(f"| {m} | {per:.1f} | {measured} | {train:.0f} | {eval_s:.0f} | {train + eval_s + 10:.0f} |")
     lines += ["", f"Main budget: base + 24 runs (+10 s model loading each) = {total / 3600:.2f} core-hours, i.e. "
               f"**{total / 3600 / workers:.2f} h with {workers} workers x 1 thread** on the 2 cores "
               f"(target: 6 h: {'met' if total / workers <= 6 * 3600 else 'not met'})."]
     # the other budgets: SLIM settings and curve runs; a curve run scores the general suite (and the math probe)
     # at curve_points - 1 intermediate steps on top of its final evaluation
     general_s = sum(n * q[t] for t, n in sizes.items() if t not in DOWNSTREAM_TASKS)
-    rest = 0.0
+    rest, own = 0.0, 0
     rest_runs = {r for b in ("ablations", "sweeps", "curves", "diagnostics") for r in plan(b) if r.setting != "mds"}
     for r in rest_runs:
-        per = costs["step"].get(r.method, worst)
+        per = costs.get("run_step", {}).get((protocol.name, r.run_id))
+        own += per is not None
+        per = per if per is not None else costs["step"].get(r.method, worst)
         extra = (protocol.curve_points - 1) * general_s if SETTINGS[r.setting].curve else 0.0
         rest += protocol.max_steps * per + eval_s + extra + 10
-    lines.append(f"The other budgets (ablations, sweeps, curves, diagnostics: {len(rest_runs)} runs at their "
-                 f"method's s/step, so settings that do more work per step, such as exact merging, are priced low; "
+    lines.append(f"The other budgets (ablations, sweeps, curves, diagnostics: {len(rest_runs)} runs, {own} at "
+                 f"their own s/step measured with the current code, the others at their method's s/step, which "
+                 f"prices low a setting that does more work per step, such as exact merging; "
                  f"a curve run adds {protocol.curve_points - 1} general-suite scorings of "
                  f"{general_s:.0f} s) = {rest / 3600:.2f} core-hours, i.e. **{rest / 3600 / workers:.2f} h** "
                  f"(target: 4 h: {'met' if rest / workers <= 4 * 3600 else 'not met'}).")
@@ -1088,12 +1123,19 @@ def sizing_section(proto_name: str, data: dict[str, Any]) -> list[str]:
     costs = measured_costs(data)
     if not costs["step"] and not costs["question"]:
         return []
-    lines = ["CPU seconds of one 1-thread worker, medians over every stored run, base scoring and step timing "
-             "(`--measure-steps`) done with `--threads 1`. Wall time of a 1-thread worker equals its CPU time on "
-             "an idle core; the measurements were taken while other jobs loaded the machine (load average 3-7 on "
-             "2 cores), which inflates CPU time somewhat too (shared caches), so the projection errs long.", "",
-             "| method | CPU s per training step (batch " + str(PROTOCOLS["study"].batch) + ") |", "|---|---|"]
-    lines += [f"| {m} | {v:.2f} |" for m, v in sorted(costs["step"].items(), key=lambda kv: _method_order((kv[0], "")))]
+    loads = costs.get("current_loads") or []
+    load = f" (1-min load average {min(loads):.1f}-{max(loads):.1f} at their end)" if loads else ""
+    lines = ["CPU seconds of one 1-thread worker: medians over the stored runs, base scorings and step timings "
+             "(`--measure-steps`) done with `--threads 1`, keeping only those made with the current code (they "
+             "record `adapter_dropout`) where a method or task has any" + load + "; a step timing is scaled to the "
+             "runs' median tokens per step. Wall time of a 1-thread worker equals its CPU time when it has a core "
+             "to itself: two workers on the 2 cores make a load average of 2; above that other jobs shared the "
+             "cores, which inflates CPU time too (shared caches), so a projection from such measurements errs "
+             "long.", "",
+             "| method | CPU s per training step (batch " + str(PROTOCOLS["study"].batch) + ") | measured with |",
+             "|---|---|---|"]
+    lines += [f"| {m} | {v:.2f} | {'current code' if m in costs.get('current', ()) else 'older code'} |"
+              for m, v in sorted(costs["step"].items(), key=lambda kv: _method_order((kv[0], "")))]
     if costs.get("micro_batches"):
         lines += ["", "Measured with micro-batch x accumulation: " + ", ".join(costs["micro_batches"]) +
                   f" (the study uses {PROTOCOLS['study'].per_device_batch} x {PROTOCOLS['study'].grad_accum}; "
@@ -1746,6 +1788,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="which runs: main (8 methods x 3 seeds), ablations, sweeps, curves, diagnostics, pilot")
     ap.add_argument("--methods", default=None, help="comma-separated method keys (default: the budget's)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the budget's)")
+    ap.add_argument("--settings", default=None,
+                    help="comma-separated settings of the budget to run (default: all of them), e.g. "
+                         "`--budget sweeps --settings experts2 --seeds 1,2`")
     ap.add_argument("--max-steps", type=int, default=None, help="override the training steps (new protocol)")
     ap.add_argument("--limit-general", type=int, default=None,
                     help="questions per general task (MMLU: at least 1 per subject) (new protocol)")
@@ -1824,7 +1869,8 @@ def main(argv: list[str] | None = None) -> int:
     protocol = make_protocol(args.budget, args.max_steps, args.limit_general, args.limit_downstream, args.limit_math)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    runs = plan(args.budget, methods, seeds)
+    settings = [x.strip() for x in args.settings.split(",")] if args.settings else None
+    runs = plan(args.budget, methods, seeds, settings)
     status = {r: run_status(r, args.runs_dir, protocol) for r in runs}
     base = load_json(args.runs_dir / protocol.name / "base.json")
     print(f"[forgetting] budget {args.budget}, protocol {protocol.name} ({protocol.digest()}): {len(runs)} runs, "

@@ -83,6 +83,11 @@ def test_method_and_seed_selection(fg):
     assert [(r.method, r.setting) for r in extra] == [("dora", "mds")]
     with pytest.raises(SystemExit):
         fg.plan("main", ["lorra"])
+    picked = fg.plan("sweeps", seeds=[1, 2], settings=["experts2", "mask0.1"])
+    assert [(r.setting, r.seed) for r in picked] == [("mask0.1", 1), ("experts2", 1), ("mask0.1", 2),
+                                                      ("experts2", 2)]
+    with pytest.raises(SystemExit, match="not in budget 'sweeps'"):
+        fg.plan("sweeps", settings=["yield0.5"])  # a diagnostics setting
 
 
 def test_other_budgets_and_settings_are_valid_slim_configs(fg):
@@ -362,6 +367,38 @@ def test_projection_adds_up_the_measured_costs_and_says_whether_the_targets_hold
     slow = {"step": {m: 1000.0 for m in fg.MAIN_METHODS}, "question": costs["question"]}
     text = "\n".join(fg.projection(slow, proto))
     assert "target: 6 h: not met" in text and "target: 4 h: not met" in text
+
+
+def test_measured_costs_prefer_current_code_and_scale_step_timings_to_the_runs_tokens(fg):
+    proto = fg.PROTOCOLS["study"]
+
+    def run(method, setting, cpu_per_step, current, tokens_per_step=2000):
+        r = fake_run(fg, fg.Run(method, setting, 0), proto)
+        r["environment"] = {**env(), "threads": 1, **({"adapter_dropout": "LoraDropout"} if current else {})}
+        r["train"].update(cpu_seconds=cpu_per_step * proto.max_steps, tokens_seen=tokens_per_step * proto.max_steps)
+        return r
+
+    runs = [run("slim", "mds", 30.0, False), run("slim", "mds", 20.0, True), run("slim", "exact_merge", 80.0, True),
+            run("lora", "mds", 15.0, False)]
+    steps = {"mixlora_dy": {"kind": "steps", "method": "mixlora_dy", "cpu_seconds_per_step": 40.0,
+                            "tokens_per_step": 1000, "environment": {**env(), "threads": 1,
+                                                                     "adapter_dropout": "LoraDropout"}}}
+    costs = fg.measured_costs({"runs": {str(i): r for i, r in enumerate(runs)}, "steps": steps, "base": None})
+    # slim: only its current-code runs (20 and 80), not the older 30; lora: its older run, as it has nothing newer
+    assert costs["step"]["slim"] == 50.0 and costs["step"]["lora"] == 15.0
+    assert costs["current"] == {"slim", "mixlora_dy"}
+    assert costs["step"]["mixlora_dy"] == 80.0  # 40 s/step over 1000 tokens, runs average 2000 tokens per step
+    assert costs["run_step"][("study", "exact_merge__slim__seed0")] == 80.0
+    assert ("study", "mds__lora__seed0") not in costs["run_step"]  # older code: the method median is used
+
+    costs["question"] = {t: 0.0 for t in [*fg.DOWNSTREAM_TASKS, *fg.GENERAL_TASKS, fg.MATH_TASK]}
+    text = "\n".join(fg.projection(costs, proto))
+    assert "| slim | 50.0 | current code |" in text and "| lora | 15.0 | older code |" in text
+    rest = [r for b in ("ablations", "sweeps", "curves", "diagnostics") for r in fg.plan(b) if r.setting != "mds"]
+    own = {"exact_merge": 80.0}  # the one setting with a current-code run of its own; the rest at the method's
+    per_method = {"slim": 50.0, "lora": 15.0}  # curve__mixlora: not measured, the slowest (80) is used
+    rest_s = sum(proto.max_steps * own.get(r.setting, per_method.get(r.method, 80.0)) + 10 for r in set(rest))
+    assert "1 at their own s/step" in text and f"= {rest_s / 3600:.2f} core-hours" in text
 
 
 def test_runs_record_their_adapter_dropout_and_the_report_counts_each_kind(fg):
