@@ -601,11 +601,12 @@ class Study:
         model = get_adapter_model(base_model, config_from_dict(cfg_dict))
         trainable, total = model.num_parameters()
         out_dir = self.work_dir / p.name / f"{run.run_id}-{p.digest()}"  # checkpoints of this protocol only
-        resume = None
-        from slim_peft.train import list_checkpoints
+        resume, start_step = None, 0
+        from slim_peft.train import CHECKPOINT_PREFIX, list_checkpoints
 
         if list_checkpoints(out_dir):
             resume = "latest"
+            start_step = int(list_checkpoints(out_dir)[-1].name[len(CHECKPOINT_PREFIX):])
             print(f"[forgetting] {run.run_id}: resuming training from {list_checkpoints(out_dir)[-1]}", flush=True)
         elif out_dir.exists():
             shutil.rmtree(out_dir)
@@ -671,11 +672,12 @@ class Study:
             "learning_rate": spec.lr, "lr_source": spec.lr_source, "method_note": spec.note,
             "train": {"steps": out.global_step, "final_loss": out.final_loss, "losses": losses,
                       "seconds": round(train_seconds - curve_eval_seconds, 2),
-                      "seconds_per_step": round((train_seconds - curve_eval_seconds) / max(1, p.max_steps), 3),
+                      "seconds_per_step": round((train_seconds - curve_eval_seconds)
+                                                / max(1, out.global_step - start_step), 3),
                       "cpu_seconds": round(train_cpu - curve_eval_cpu, 2),
                       "tokens_seen": step_times[-1]["tokens_seen"] if step_times else None,
                       "trainable_parameters": trainable, "total_parameters": total, "data_counts": counts,
-                      "resumed": resume is not None},
+                      "resumed": resume is not None, "steps_timed": out.global_step - start_step},
             **scores,
             "curve": curve if setting.curve else [],
             "routing_train": _routing_summary(routing), "routing_eval": _routing_summary(eval_routing),
@@ -1026,13 +1028,15 @@ def measured_costs(data: dict[str, Any]) -> dict[str, Any]:
     used. A step timing (`--measure-steps`, the first N steps) is scaled to the runs' median tokens per step,
     since its few batches are not the average length."""
     runs = list(data["runs"].values())
-    one_thread = [r for r in runs if r["environment"].get("threads") == 1 and r["train"].get("cpu_seconds")]
+    # a resumed run timed only the steps after its checkpoint: older ones did not record how many
+    one_thread = [r for r in runs if r["environment"].get("threads") == 1 and r["train"].get("cpu_seconds")
+                  and (r["train"].get("steps_timed") or not r["train"].get("resumed"))]
     tokens = _median([r["train"]["tokens_seen"] / max(1, r["train"]["steps"])
                       for r in runs if r["train"].get("tokens_seen")])
     step: dict[str, list[tuple[bool, float]]] = {}
     run_step: dict[tuple[str, str], float] = {}
     for r in one_thread:
-        per = r["train"]["cpu_seconds"] / max(1, r["train"]["steps"])
+        per = r["train"]["cpu_seconds"] / max(1, r["train"].get("steps_timed") or r["train"]["steps"])
         step.setdefault(r["method"], []).append((_current_code(r), per))
         if _current_code(r):
             run_step[(r.get("protocol", {}).get("name", ""), r["run_id"])] = per

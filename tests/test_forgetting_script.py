@@ -380,12 +380,20 @@ def test_measured_costs_prefer_current_code_and_scale_step_timings_to_the_runs_t
 
     runs = [run("slim", "mds", 30.0, False), run("slim", "mds", 20.0, True), run("slim", "exact_merge", 80.0, True),
             run("lora", "mds", 15.0, False)]
+    resumed = run("slim", "mask0.1", 2.0, True)  # timed 1/25 of its steps and did not say so: not a cost
+    resumed["train"]["resumed"] = True
+    timed = run("slim", "exact_merge", 0.0, True)  # resumed at step 48: its CPU time covers 2 steps
+    timed["train"].update(resumed=True, steps_timed=2, cpu_seconds=160.0)
+    runs += [resumed, timed]
     steps = {"mixlora_dy": {"kind": "steps", "method": "mixlora_dy", "cpu_seconds_per_step": 40.0,
                             "tokens_per_step": 1000, "environment": {**env(), "threads": 1,
                                                                      "adapter_dropout": "LoraDropout"}}}
     costs = fg.measured_costs({"runs": {str(i): r for i, r in enumerate(runs)}, "steps": steps, "base": None})
-    # slim: only its current-code runs (20 and 80), not the older 30; lora: its older run, as it has nothing newer
-    assert costs["step"]["slim"] == 50.0 and costs["step"]["lora"] == 15.0
+    # slim: only its current-code runs (20, 80, 80), not the older 30; lora: its older run, as it has nothing newer
+    assert costs["step"]["slim"] == 80.0 and costs["step"]["lora"] == 15.0
+    runs = runs[:-1]
+    costs = fg.measured_costs({"runs": {str(i): r for i, r in enumerate(runs)}, "steps": steps, "base": None})
+    assert costs["step"]["slim"] == 50.0
     assert costs["current"] == {"slim", "mixlora_dy"}
     assert costs["step"]["mixlora_dy"] == 80.0  # 40 s/step over 1000 tokens, runs average 2000 tokens per step
     assert costs["run_step"][("study", "exact_merge__slim__seed0")] == 80.0
