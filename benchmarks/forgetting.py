@@ -156,7 +156,8 @@ SETTINGS: dict[str, SettingSpec] = {
     **{f"yield{g}": SettingSpec(f"yield strength {g}", {"yield_strength": g}, group="diagnostics", x=g)
        for g in (0.5, 2.0, 4.0)},
     **{f"l1_{w:g}": SettingSpec(f"L1 weight {w:g}", {"l1_weight": w}, group="diagnostics") for w in (0.0, 1e-2)},
-    **{f"clusters{c}": SettingSpec(f"{c} clusters", {"num_clusters": c}, group="diagnostics") for c in (1, 32)},
+    "clusters1": SettingSpec("1 cluster", {"num_clusters": 1}, group="diagnostics"),
+    "clusters32": SettingSpec("32 clusters", {"num_clusters": 32}, group="diagnostics"),
     "all_linear": SettingSpec("SLIM on all 7 projections", {"target_modules": "all-linear"}, group="diagnostics"),
 }
 SWEEP_REFERENCE = {"mask_sweep": ("mask_ratio", 0.5), "experts_sweep": ("num_lora_experts", 8),
@@ -905,10 +906,14 @@ def timing_table(runs: dict[str, dict]) -> list[str]:
     for rid in sorted(runs, key=lambda k: (_method_order((runs[k]["method"], runs[k]["setting"])), runs[k]["seed"])):
         r = runs[rid]
         share = (r.get("routing_eval") or {}).get("mean_identity_share")
-        cps = r["train"].get("cpu_seconds")
-        cps = "-" if cps is None else f"{cps / max(1, r['train']['steps']):.2f}"
-        lines.append(f"| {rid} | {r['train']['trainable_parameters']:,d} | {r['train']['seconds']:.0f} | "
-                     f"{r['train']['seconds_per_step']:.2f} | {cps} | {r['seconds']:.0f} | {r['wall_seconds']:.0f} | "
+        t = r["train"]
+        timed = t.get("steps_timed") or (None if t.get("resumed") else t["steps"])  # older resumed runs: unknown
+        cps = "-" if t.get("cpu_seconds") is None or not timed else f"{t['cpu_seconds'] / timed:.2f}"
+        sps = f"{t['seconds_per_step']:.2f}" if timed else "-"
+        train_s = f"{t['seconds']:.0f}" + (f" ({timed} steps after resuming)" if t.get("resumed") and timed else
+                                           " (resumed)" if t.get("resumed") else "")
+        lines.append(f"| {rid} | {t['trainable_parameters']:,d} | {train_s} | "
+                     f"{sps} | {cps} | {r['seconds']:.0f} | {r['wall_seconds']:.0f} | "
                      f"{r.get('peak_rss_gb', '-')} | "
                      f"{r['environment'].get('loadavg_1min') or 0:.1f} | {r['train']['final_loss']:.3f} | "
                      f"{'-' if share is None else f'{share:.3f}'} |")
@@ -1765,13 +1770,17 @@ def discussion_section(runs: dict[str, dict], base: dict) -> list[str]:
         effects = effects_rows(groups, delta)
         if effects:
             part_names = {"downstream": "downstream", "general": "general", "math": "arithmetic"}
-            moved = []
+            moved, still = [], []
             for k, d, _ in effects:
                 beyond = [f"{name} {fmt_diff(d[p])}" for p, name in part_names.items() if abs(d[p][0]) > 2 * d[p][1]]
                 if beyond:
                     moved.append(f"{SETTINGS[k[1]].label} ({', '.join(beyond)})")
+                else:
+                    still.append(SETTINGS[k[1]].label)
             lines.append("- What moves SLIM (settings beyond 2 stderr from the main SLIM runs): " +
-                         ("; ".join(moved) if moved else f"none of the {len(effects)} stored") + ".")
+                         ("; ".join(moved) if moved else f"none of the {len(effects)} stored") + "." +
+                         (f" Within 2 stderr on downstream, general and arithmetic alike: {', '.join(still)}."
+                          if still and moved else ""))
         else:
             lines.append("- What moves SLIM's retention (yield strength, mask ratio, L1 weight, cluster count, "
                          "which layers): pending, the `ablations`, `sweeps` and `diagnostics` budgets.")
