@@ -907,7 +907,7 @@ def timing_table(runs: dict[str, dict]) -> list[str]:
         r = runs[rid]
         share = (r.get("routing_eval") or {}).get("mean_identity_share")
         t = r["train"]
-        timed = t.get("steps_timed") or (None if t.get("resumed") else t["steps"])  # older resumed runs: unknown
+        timed = steps_timed(t)
         cps = "-" if t.get("cpu_seconds") is None or not timed else f"{t['cpu_seconds'] / timed:.2f}"
         sps = f"{t['seconds_per_step']:.2f}" if timed else "-"
         train_s = f"{t['seconds']:.0f}" + (f" ({timed} steps after resuming)" if t.get("resumed") and timed else
@@ -1017,6 +1017,14 @@ def sweep_plot(runs: dict[str, dict], base: dict, path: Path) -> Path | None:
     return path
 
 
+def steps_timed(train: dict[str, Any]) -> int | None:
+    """Training steps whose time a run's `train` record holds: all of them, or for a resumed run the steps
+    after its checkpoint (`steps_timed`; None for older resumed runs, which did not record it)."""
+    if train.get("resumed"):
+        return train.get("steps_timed") or None
+    return train["steps"] or None
+
+
 def _current_code(src: dict[str, Any]) -> bool:
     """Measured with the current training code: runs and step timings record `adapter_dropout` since
     LoraDropout replaced nn.Dropout (older ones paid the slower dropout and mostly ran beside other jobs)."""
@@ -1033,15 +1041,14 @@ def measured_costs(data: dict[str, Any]) -> dict[str, Any]:
     used. A step timing (`--measure-steps`, the first N steps) is scaled to the runs' median tokens per step,
     since its few batches are not the average length."""
     runs = list(data["runs"].values())
-    # a resumed run timed only the steps after its checkpoint: older ones did not record how many
     one_thread = [r for r in runs if r["environment"].get("threads") == 1 and r["train"].get("cpu_seconds")
-                  and (r["train"].get("steps_timed") or not r["train"].get("resumed"))]
+                  and steps_timed(r["train"])]
     tokens = _median([r["train"]["tokens_seen"] / max(1, r["train"]["steps"])
                       for r in runs if r["train"].get("tokens_seen")])
     step: dict[str, list[tuple[bool, float]]] = {}
     run_step: dict[tuple[str, str], float] = {}
     for r in one_thread:
-        per = r["train"]["cpu_seconds"] / max(1, r["train"].get("steps_timed") or r["train"]["steps"])
+        per = r["train"]["cpu_seconds"] / steps_timed(r["train"])
         step.setdefault(r["method"], []).append((_current_code(r), per))
         if _current_code(r):
             run_step[(r.get("protocol", {}).get("name", ""), r["run_id"])] = per
@@ -1258,6 +1265,8 @@ def status_section(data: dict[str, Any], runs_dir: Path) -> list[str]:
               "    python benchmarks/forgetting.py --budget sweeps --workers 2",
               "    python benchmarks/forgetting.py --budget curves --workers 2",
               "    python benchmarks/forgetting.py --budget diagnostics --workers 2",
+              "    python benchmarks/forgetting.py --budget sweeps --settings experts2 --seeds 1,2   # more seeds "
+              "for one setting",
               "    python benchmarks/forgetting.py --report-only                  # regenerate this file", ""]
     return lines
 
@@ -1627,14 +1636,20 @@ def _curve_claim(groups: dict) -> list[tuple[str, str, str]]:
     return [(claim, "largest drop below the base model over the curve, " + "; ".join(shown), "; ".join(verdicts))]
 
 
+def slim_setting_keys(groups: dict) -> list[tuple[str, str]]:
+    """Group keys of the SLIM settings other than the main table and the curve (ablations, sweeps,
+    diagnostics), in the order of ``SETTINGS``."""
+    return sorted((k for k in groups if k != "base" and k[0] == "slim" and k[1] not in ("mds", "curve")),
+                  key=lambda k: list(SETTINGS).index(k[1]))
+
+
 def effects_rows(groups: dict, delta) -> list[tuple[Any, dict[str, tuple[float, float]], float | None]]:
     """Each stored SLIM setting other than the main one: (key, {part: setting minus main SLIM}, identity
     share at evaluation), in the order of ``SETTINGS``."""
     slim = ("slim", "mds")
     if slim not in groups:
         return []
-    keys = sorted((k for k in groups if k != "base" and k[0] == "slim" and k[1] not in ("mds", "curve")),
-                  key=lambda k: list(SETTINGS).index(k[1]))
+    keys = slim_setting_keys(groups)
     rows = []
     for k in keys:
         shares = [(r.get("routing_eval") or {}).get("mean_identity_share") for r in groups[k]]
@@ -1678,8 +1693,7 @@ def seed_offset_lines(groups: dict) -> list[str]:
     main = groups[("slim", "mds")]
     if len(main) < 2:
         return []
-    used = sorted({r["seed"] for k, rs in groups.items() if k != "base" and k[0] == "slim"
-                   and k[1] not in ("mds", "curve") for r in rs})
+    used = sorted({r["seed"] for k in slim_setting_keys(groups) for r in groups[k]})
     offsets = []
     for seed in used:
         same = [r for r in main if r["seed"] == seed]
@@ -1698,8 +1712,7 @@ def matched_downstream_line(groups: dict, best: Any, best_label: str, delta) -> 
     """The SLIM settings (ablations, sweeps, diagnostics) whose downstream mean reaches the best baseline's,
     each minus that baseline: does SLIM keep more general capability at matched downstream accuracy?"""
     bar = estimate(groups[best], "downstream").mean
-    keys = [k for k in groups if k != "base" and k[0] == "slim" and k[1] not in ("mds", "curve")
-            and estimate(groups[k], "downstream").mean >= bar]
+    keys = [k for k in slim_setting_keys(groups) if estimate(groups[k], "downstream").mean >= bar]
     head = f"- At matched downstream accuracy (SLIM settings at or above {best_label}'s {100 * bar:.1f})"
     if not keys:
         return head + ": none of the stored settings."

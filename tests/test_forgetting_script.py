@@ -392,6 +392,9 @@ def test_measured_costs_prefer_current_code_and_scale_step_timings_to_the_runs_t
     costs = fg.measured_costs({"runs": {str(i): r for i, r in enumerate(runs)}, "steps": steps, "base": None})
     # slim: only its current-code runs (20, 80, 80), not the older 30; lora: its older run, as it has nothing newer
     assert costs["step"]["slim"] == 80.0 and costs["step"]["lora"] == 15.0
+    table = "\n".join(fg.timing_table({r["run_id"] + str(i): r for i, r in enumerate(runs)}))
+    assert "| 5 (resumed) | - | - |" in table  # steps timed unknown: no per-step figure
+    assert "| 5 (2 steps after resuming) | 0.60 | 80.00 |" in table
     runs = runs[:-1]
     costs = fg.measured_costs({"runs": {str(i): r for i, r in enumerate(runs)}, "steps": steps, "base": None})
     assert costs["step"]["slim"] == 50.0
