@@ -3,23 +3,16 @@ report from stored JSONs. No model is loaded and nothing is trained."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "forgetting.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def fg():
-    spec = importlib.util.spec_from_file_location("forgetting_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["forgetting_script"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("forgetting")
 
 
 @pytest.fixture(autouse=True)

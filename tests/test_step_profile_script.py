@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_profile.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sp():
-    spec = importlib.util.spec_from_file_location("step_profile_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["step_profile_script"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("step_profile")
 
 
 def test_op_kinds(sp):
