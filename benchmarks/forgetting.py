@@ -551,6 +551,19 @@ class Study:
               f"({data['wall_seconds']:.0f} s)", flush=True)
         return data
 
+    def training_arguments(self, output_dir: str, method: str, max_steps: int, seed: int, **extra: Any):
+        """The protocol's TrainingArguments for `method` (its paper's learning rate), the same for every run,
+        step timing and profile; `extra` sets the run-specific fields (checkpoints, evaluation, logging)."""
+        from slim_peft.train import TrainingArguments
+
+        p = self.protocol
+        return TrainingArguments(
+            output_dir=output_dir, learning_rate=METHODS[method].lr, weight_decay=p.weight_decay,
+            per_device_train_batch_size=p.per_device_batch, gradient_accumulation_steps=p.grad_accum,
+            max_steps=max_steps, lr_scheduler_type=p.scheduler, warmup_ratio=p.warmup_ratio,
+            max_grad_norm=p.max_grad_norm, seed=seed, logging_steps=1, max_seq_length=p.max_seq_length,
+            group_by_length=True, torch_num_threads=self.threads, **extra)
+
     # -- training cost only
     def measure_steps(self, method: str, steps: int) -> dict:
         """Train ``steps`` steps of ``method`` on the protocol's data and batch (no evaluation): CPU and wall
@@ -558,7 +571,7 @@ class Study:
         import tempfile
 
         from slim_peft import config_from_dict, get_adapter_model
-        from slim_peft.train import Trainer, TrainingArguments, seed_everything
+        from slim_peft.train import Trainer, seed_everything
 
         self._torch_setup()
         p, spec = self.protocol, METHODS[method]
@@ -567,13 +580,7 @@ class Study:
         seed_everything(0)
         model = get_adapter_model(base_model, config_from_dict(dict(spec.config)))
         with tempfile.TemporaryDirectory() as tmp:
-            args = TrainingArguments(
-                output_dir=tmp, learning_rate=spec.lr, weight_decay=p.weight_decay,
-                per_device_train_batch_size=p.per_device_batch, gradient_accumulation_steps=p.grad_accum,
-                max_steps=steps, lr_scheduler_type=p.scheduler, warmup_ratio=p.warmup_ratio,
-                max_grad_norm=p.max_grad_norm, seed=0, logging_steps=1, save_steps=0,
-                max_seq_length=p.max_seq_length, group_by_length=True, torch_num_threads=self.threads,
-                disable_tqdm=True)
+            args = self.training_arguments(tmp, method, steps, seed=0, save_steps=0, disable_tqdm=True)
             t0, c0 = time.perf_counter(), time.process_time()
             out = Trainer(model, args, examples, pad_token_id=tok.pad_token_id).train()
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -590,7 +597,7 @@ class Study:
     # -- one run
     def execute(self, run: Run) -> dict:
         from slim_peft import config_from_dict, get_adapter_model
-        from slim_peft.train import Trainer, TrainingArguments, read_metrics, seed_everything
+        from slim_peft.train import Trainer, read_metrics, seed_everything
 
         self._torch_setup()
         p, spec, setting = self.protocol, METHODS[run.method], SETTINGS[run.setting]
@@ -605,10 +612,10 @@ class Study:
         resume, start_step = None, 0
         from slim_peft.train import CHECKPOINT_PREFIX, list_checkpoints
 
-        if list_checkpoints(out_dir):
+        if checkpoints := list_checkpoints(out_dir):
             resume = "latest"
-            start_step = int(list_checkpoints(out_dir)[-1].name[len(CHECKPOINT_PREFIX):])
-            print(f"[forgetting] {run.run_id}: resuming training from {list_checkpoints(out_dir)[-1]}", flush=True)
+            start_step = int(checkpoints[-1].name[len(CHECKPOINT_PREFIX):])
+            print(f"[forgetting] {run.run_id}: resuming training from {checkpoints[-1]}", flush=True)
         elif out_dir.exists():
             shutil.rmtree(out_dir)
         eval_steps = 0
@@ -630,13 +637,9 @@ class Study:
                 flat["eval_seconds"] = res["seconds"]
                 return flat
 
-        args = TrainingArguments(
-            output_dir=str(out_dir), learning_rate=spec.lr, weight_decay=p.weight_decay,
-            per_device_train_batch_size=p.per_device_batch, gradient_accumulation_steps=p.grad_accum,
-            max_steps=p.max_steps, lr_scheduler_type=p.scheduler, warmup_ratio=p.warmup_ratio,
-            max_grad_norm=p.max_grad_norm, seed=run.seed, logging_steps=1, eval_steps=eval_steps,
+        args = self.training_arguments(
+            str(out_dir), run.method, p.max_steps, seed=run.seed, eval_steps=eval_steps,
             save_steps=max(5, p.max_steps // 4), save_total_limit=1, resume_from_checkpoint=resume,
-            max_seq_length=p.max_seq_length, group_by_length=True, torch_num_threads=self.threads,
             disable_tqdm=not sys.stderr.isatty(), report_to="jsonl")
         trainer = Trainer(model, args, examples, pad_token_id=tok.pad_token_id, eval_fn=eval_fn,
                           run_config={"study": "forgetting", "run": run.run_id, "model": MODEL})

@@ -66,19 +66,15 @@ def kind_shares(rows: list[tuple[str, float]]) -> dict[str, float]:
 def profile_run(method: str, setting: str, steps: int) -> dict:
     """Train `steps` steps of one study run under the profiler; the aten rows, wall/CPU time and faults."""
     from slim_peft import config_from_dict, get_adapter_model
-    from slim_peft.train import Trainer, TrainingArguments, seed_everything
+    from slim_peft.train import Trainer, seed_everything
 
-    p = fg.PROTOCOLS["study"]
-    study = fg.Study(p, fg.RUNS_DIR, Path(tempfile.gettempdir()), threads=1)
+    study = fg.Study(fg.PROTOCOLS["study"], fg.RUNS_DIR, Path(tempfile.gettempdir()), threads=1)
     base, tok = study._load()
     examples, _ = study.train_data(tok)
     seed_everything(0)
     model = get_adapter_model(base, config_from_dict(fg.run_config(fg.Run(method, setting, 0))))
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp, learning_rate=fg.METHODS[method].lr, per_device_train_batch_size=p.per_device_batch,
-            gradient_accumulation_steps=p.grad_accum, max_steps=steps, seed=0, logging_steps=1, save_steps=0,
-            max_seq_length=p.max_seq_length, group_by_length=True, torch_num_threads=1, disable_tqdm=True)
+        args = study.training_arguments(tmp, method, steps, seed=0, save_steps=0, disable_tqdm=True)
         trainer = Trainer(model, args, examples, pad_token_id=tok.pad_token_id)
         r0, t0, c0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), time.process_time()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:

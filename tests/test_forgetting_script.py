@@ -432,3 +432,14 @@ def test_curve_claim_compares_the_largest_drops_on_both_parts(fg):
     assert verdict == "reproduces on the general suite; not resolved (same sign as the paper, within 2 stderr)"
     del runs["curve__mixlora__seed0"]
     assert fg._curve_claim(fg.comparison(runs, base)[0])[0][2] == "pending: run the `curves` budget"
+
+
+def test_training_arguments_follow_the_protocol(fg, tmp_path):
+    p = fg.PROTOCOLS["study"]
+    study = fg.Study(p, tmp_path, tmp_path, threads=1)
+    args = study.training_arguments(str(tmp_path), "dora", 7, seed=3, save_steps=0)
+    assert (args.learning_rate, args.max_steps, args.seed, args.save_steps) == (fg.METHODS["dora"].lr, 7, 3, 0)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (p.per_device_batch, p.grad_accum)
+    assert (args.lr_scheduler_type, args.warmup_ratio, args.weight_decay, args.max_grad_norm) == (
+        p.scheduler, p.warmup_ratio, p.weight_decay, p.max_grad_norm)
+    assert args.max_seq_length == p.max_seq_length and args.group_by_length and args.torch_num_threads == 1

@@ -51,3 +51,12 @@ def test_isolated_times_the_heaviest_shapes(sp):
     assert out["aten::mm"]["shapes"] == "[[16, 8], [8, 4]]" and out["aten::mm"]["in_step_ms"] == pytest.approx(200)
     assert out["aten::mul"]["shapes"] == "[[3, 5], [3, 5]]"  # the scalar form is not a same-shape product
     assert out["aten::mm"]["alone_ms"] > 0 and "alone_bf16_ms" in out["aten::mm"]
+
+
+@pytest.mark.parametrize("argv, message", [(["--runs", "nope:mds"], "unknown run 'nope:mds'"),
+                                           (["--runs", "slim:nosuch"], "unknown run 'slim:nosuch'"),
+                                           (["--preload", "/no/such/lib.so"], "no such file")])
+def test_bad_arguments_are_refused_before_any_work(sp, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        sp.main(argv)
+    assert message in capsys.readouterr().err
