@@ -17,10 +17,20 @@ from the stored JSONs after every run, or alone with ``--report-only``.
     python benchmarks/forgetting.py --budget main                           # 8 methods x 3 seeds
     python benchmarks/forgetting.py --budget ablations                      # SLIM ablations (paper Table 3)
     python benchmarks/forgetting.py --budget sweeps                         # mask ratio, number of experts
-    python benchmarks/forgetting.py --budget curves                         # general score over steps
+    python benchmarks/forgetting.py --budget curves                         # general score over steps (*)
     python benchmarks/forgetting.py --budget diagnostics                    # what moves SLIM's retention
     python benchmarks/forgetting.py --plan --budget main                    # what would run, sizes, stderr
     python benchmarks/forgetting.py --report-only
+
+(*) A curve run trains the same model as the main run of its method and seed (seed 0 of LoRA, MixLoRA and
+SLIM), so that main run scores the curve as it trains and is stored under both names (``twin``): after
+``--budget main`` the curves budget has nothing left to run.
+
+The study runs under glibc's malloc by default. ``--allocator jemalloc`` (or ``auto``: jemalloc when found,
+see ``src/slim_peft/allocator.py``) gives the same numbers with training steps 1.1-1.3x faster, but with its
+decay off jemalloc never returns freed pages: the exact-merge run grew to 23 GB resident by step 16 (glibc:
+8.0 GB peak over 10 steps) and was killed for memory, and with its default decay (10 s) its steps were 1.6x
+slower than glibc's (110.6 vs 68.8 CPU s). Use it for the runs that fit in memory.
 
 Budgets "main", "ablations", "sweeps", "curves" and "diagnostics" share one protocol ("study"): their runs are
 comparable and share the base scores and the SLIM x mds runs. ``--max-steps``, ``--limit-general`` or
@@ -288,6 +298,12 @@ class Run:
         return runs_dir / protocol.name / f"{self.run_id}.json"
 
 
+def steps_path(protocol_dir: Path, run: Run, allocator: str = "system") -> Path:
+    """Where `--measure-steps` stores the step timing of a run's method and setting under `allocator`."""
+    name = run.method if run.setting == "mds" else f"{run.setting}__{run.method}"
+    return protocol_dir / f"steps__{name}{'' if allocator == 'system' else '__' + allocator}.json"
+
+
 def run_config(run: Run) -> dict[str, Any]:
     """The adapter config dict of a run (the method's config with the setting's overrides)."""
     spec, setting = METHODS[run.method], SETTINGS[run.setting]
@@ -320,6 +336,28 @@ def plan(budget: str, methods: list[str] | None = None, seeds: list[int] | None 
         pairs = in_budget + extra
     seeds = list(seeds) if seeds else list(b["seeds"])
     return [Run(m, s, seed) for seed in seeds for m, s in pairs]
+
+
+def twin(run: Run, protocol: str = "study") -> Run | None:
+    """The other run that trains exactly the same model: a curve run (Fig. 5) and the main run of its method
+    and seed differ only in the curve run's intermediate scorings, which do not touch training (same data,
+    RNG and steps: the stored LoRA pair has identical losses and scores). So each such run scores the curve
+    too and is stored under both names (`twin_result`); the curves budget costs no training of its own."""
+    curve_pairs = BUDGETS["curves"]["runs"]
+    if SETTINGS[run.setting].curve:
+        return Run(run.method, "mds", run.seed)
+    if (run.setting == "mds" and protocol == BUDGETS["curves"]["protocol"] and (run.method, "curve") in curve_pairs
+            and run.seed in BUDGETS["curves"]["seeds"]):  # the curves budget's protocol only (not the pilot's)
+        return Run(run.method, "curve", run.seed)
+    return None
+
+
+def twin_result(result: dict[str, Any], other: Run) -> dict[str, Any]:
+    """`result` stored under its twin's name (`twin`): the same scores, training and curve; `twin_of` names
+    the run it was trained as (costs and timings count it once)."""
+    spec = SETTINGS[other.setting]
+    return {**result, "run_id": other.run_id, "setting": other.setting, "setting_label": spec.label,
+            "group": spec.group, "adapter_config": run_config(other), "twin_of": result["run_id"]}
 
 
 def load_json(path: Path) -> dict[str, Any] | None:
@@ -565,29 +603,29 @@ class Study:
             group_by_length=True, torch_num_threads=self.threads, **extra)
 
     # -- training cost only
-    def measure_steps(self, method: str, steps: int) -> dict:
-        """Train ``steps`` steps of ``method`` on the protocol's data and batch (no evaluation): CPU and wall
-        seconds per step, for sizing the study."""
+    def measure_steps(self, run: Run, steps: int) -> dict:
+        """Train ``steps`` steps of ``run``'s method and setting (seed 0) on the protocol's data and batch (no
+        evaluation): CPU and wall seconds per step, for sizing the study."""
         import tempfile
 
         from slim_peft import config_from_dict, get_adapter_model
         from slim_peft.train import Trainer, seed_everything
 
         self._torch_setup()
-        p, spec = self.protocol, METHODS[method]
+        p = self.protocol
         base_model, tok = self._load()
         examples, _ = self.train_data(tok)
         seed_everything(0)
-        model = get_adapter_model(base_model, config_from_dict(dict(spec.config)))
+        model = get_adapter_model(base_model, config_from_dict(run_config(run)))
         with tempfile.TemporaryDirectory() as tmp:
-            args = self.training_arguments(tmp, method, steps, seed=0, save_steps=0, disable_tqdm=True)
+            args = self.training_arguments(tmp, run.method, steps, seed=0, save_steps=0, disable_tqdm=True)
             t0, c0 = time.perf_counter(), time.process_time()
             out = Trainer(model, args, examples, pad_token_id=tok.pad_token_id).train()
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             from slim_peft.train import read_metrics
 
             tokens = read_metrics(Path(out.run_dir) / "metrics.jsonl")[-1].get("tokens_seen")
-        return {"kind": "steps", "method": method, "steps": steps, "protocol": p.to_dict(),
+        return {"kind": "steps", "method": run.method, "setting": run.setting, "steps": steps, "protocol": p.to_dict(),
                 "cpu_seconds_per_step": round(cpu / steps, 3), "wall_seconds_per_step": round(wall / steps, 3),
                 "tokens_per_step": tokens / steps if tokens else None,
                 "trainable_parameters": model.num_parameters()[0],
@@ -622,7 +660,9 @@ class Study:
         curve_state: dict[str, Any] = {}
         holder: dict[str, Any] = {}
         eval_fn = None
-        if setting.curve:
+        other = twin(run, p.name)
+        with_curve = setting.curve or (other is not None and SETTINGS[other.setting].curve)
+        if with_curve:
             eval_steps = max(1, math.ceil(p.max_steps / p.curve_points))
 
             def eval_fn(m):  # general suite at intermediate steps (the final step is scored after training)
@@ -683,7 +723,7 @@ class Study:
                       "trainable_parameters": trainable, "total_parameters": total, "data_counts": counts,
                       "resumed": resume is not None, "steps_timed": out.global_step - start_step},
             **scores,
-            "curve": curve if setting.curve else [],
+            "curve": curve if with_curve else [],
             "routing_train": _routing_summary(routing), "routing_eval": _routing_summary(eval_routing),
             "wall_seconds": round(time.perf_counter() - t_start, 2),
             "environment": environment(), "command": self.command,
@@ -749,9 +789,10 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
+    from slim_peft.allocator import loaded_allocator
     from slim_peft.layers.base import adapter_dropout
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
+    return {"allocator": loaded_allocator(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "threads": torch.get_num_threads(),
             "adapter_dropout": type(adapter_dropout(0.1)).__name__,  # absent in runs trained with nn.Dropout
             "cpu_count": os.cpu_count(), "machine": platform.machine(),
@@ -773,18 +814,18 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _child(study: Study, method: str, arg: Any, out: str, parent: int) -> None:
+def _child(study: Study, method: str, args: tuple, out: str, parent: int) -> None:
     import resource
 
     _die_with_parent(parent)
-    result = getattr(study, method)(arg)
+    result = getattr(study, method)(*args)
     if isinstance(result, dict):
         result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
     Path(out).write_text(json.dumps(result, default=str))
 
 
-def run_isolated(study: Study, method: str, arg: Any) -> Any:
-    """``getattr(study, method)(arg)`` in a fresh (spawned) process: its memory goes back to the system when
+def run_isolated(study: Study, method: str, *args: Any) -> Any:
+    """``getattr(study, method)(*args)`` in a fresh (spawned) process: its memory goes back to the system when
     the run ends, and a run killed by the kernel (out of memory) raises here instead of ending the worker."""
     import multiprocessing as mp
     import tempfile
@@ -792,7 +833,7 @@ def run_isolated(study: Study, method: str, arg: Any) -> Any:
     fd, out = tempfile.mkstemp(prefix="forgetting-", suffix=".json")
     os.close(fd)
     try:
-        proc = mp.get_context("spawn").Process(target=_child, args=(study, method, arg, out, os.getpid()))
+        proc = mp.get_context("spawn").Process(target=_child, args=(study, method, args, out, os.getpid()))
         proc.start()
         proc.join()
         if proc.exitcode != 0:
@@ -837,7 +878,7 @@ def collect(runs_dir: Path) -> dict[str, dict[str, Any]]:
         for f in sorted(d.glob("steps__*.json")):
             data = load_json(f)
             if data and data.get("kind") == "steps":
-                steps[data["method"]] = data
+                steps[f.stem.removeprefix("steps__")] = data
         if base or runs or steps:
             out[d.name] = {"base": base, "runs": runs, "steps": steps}
     return out
@@ -906,8 +947,9 @@ def general_table(groups: dict[tuple, list], base: dict | None, label_setting: b
 def timing_table(runs: dict[str, dict]) -> list[str]:
     lines = ["| run | trainable params | train s | s/step | train CPU s/step | eval s | wall s | peak RSS GB | "
              "load avg | final loss | identity share (eval) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for rid in sorted(runs, key=lambda k: (_method_order((runs[k]["method"], runs[k]["setting"])), runs[k]["seed"])):
-        r = runs[rid]
+    own = {k: r for k, r in runs.items() if not r.get("twin_of")}  # a twin's copy: the same training and timing
+    for rid in sorted(own, key=lambda k: (_method_order((own[k]["method"], own[k]["setting"])), own[k]["seed"])):
+        r = own[rid]
         share = (r.get("routing_eval") or {}).get("mean_identity_share")
         t = r["train"]
         timed = steps_timed(t)
@@ -1034,52 +1076,87 @@ def _current_code(src: dict[str, Any]) -> bool:
     return "adapter_dropout" in src.get("environment", {})
 
 
-def measured_costs(data: dict[str, Any]) -> dict[str, Any]:
-    """CPU seconds of a 1-thread worker per training step (median per method, and per stored run) and per
-    question (median per task) over a protocol's stored runs, step timings and base scores. CPU time of a
-    1-thread worker approximates its wall time on an idle core, and it is far less distorted than wall time
-    when other jobs share the machine.
+def _allocator(src: dict[str, Any]) -> str:
+    """The malloc a measurement ran with ("system" when it did not record one: those predate the record)."""
+    return src.get("environment", {}).get("allocator", "system")
 
-    Where a method (or task) has measurements made with the current code (`_current_code`), only those are
-    used. A step timing (`--measure-steps`, the first N steps) is scaled to the runs' median tokens per step,
-    since its few batches are not the average length."""
-    runs = list(data["runs"].values())
+
+def _rank(src: dict[str, Any], allocator: str) -> tuple[bool, bool] | None:
+    """How well a measurement prices a run under `allocator`: (current code, same allocator), higher is better;
+    None to leave it out. A projection for jemalloc falls back to system-malloc costs where jemalloc has none
+    (which errs long); one for the system malloc never uses a faster allocator's costs."""
+    other = _allocator(src)
+    if other != allocator and other != "system":
+        return None
+    return _current_code(src), other == allocator
+
+
+def measured_costs(data: dict[str, Any], allocator: str = "system") -> dict[str, Any]:
+    """CPU seconds of a 1-thread worker per training step (median per method, and per (setting, method) run)
+    and per question (median per task) over a protocol's stored runs, step timings and base scores, for
+    workers running with `allocator`. CPU time of a 1-thread worker approximates its wall time on an idle core,
+    and it is far less distorted than wall time when other jobs share the machine.
+
+    Per method (task, run) only the best-ranked measurements are used (`_rank`: current code first, then the
+    same allocator). A step timing (`--measure-steps`, the first N steps) is scaled to the runs' median tokens
+    per step, since its few batches are not the average length; a timing of a setting other than "mds" prices
+    that setting's runs, not its method."""
+    runs = [r for r in data["runs"].values() if not r.get("twin_of")]  # a twin's copy is the same measurement
     one_thread = [r for r in runs if r["environment"].get("threads") == 1 and r["train"].get("cpu_seconds")
-                  and steps_timed(r["train"])]
+                  and steps_timed(r["train"]) and _rank(r, allocator)]
     tokens = _median([r["train"]["tokens_seen"] / max(1, r["train"]["steps"])
                       for r in runs if r["train"].get("tokens_seen")])
-    step: dict[str, list[tuple[bool, float]]] = {}
-    run_step: dict[tuple[str, str], float] = {}
+    step: dict[str, list[tuple[tuple, float]]] = {}
+    run_step: dict[tuple[str, str], list[tuple[tuple, float]]] = {}
     for r in one_thread:
         per = r["train"]["cpu_seconds"] / steps_timed(r["train"])
-        step.setdefault(r["method"], []).append((_current_code(r), per))
+        step.setdefault(r["method"], []).append((_rank(r, allocator), per))
         if _current_code(r):
-            run_step[(r.get("protocol", {}).get("name", ""), r["run_id"])] = per
-    timings = [st for st in data.get("steps", {}).values() if st["environment"].get("threads") == 1]
+            run_step.setdefault((r.get("protocol", {}).get("name", ""), r["run_id"]), []).append(
+                (_rank(r, allocator), per))
+    timings = [st for st in data.get("steps", {}).values()
+               if st["environment"].get("threads") == 1 and _rank(st, allocator)]
     for st in timings:
         scale = tokens / st["tokens_per_step"] if tokens and st.get("tokens_per_step") else 1.0
-        step.setdefault(st["method"], []).append((_current_code(st), st["cpu_seconds_per_step"] * scale))
-    question: dict[str, list[tuple[bool, float]]] = {}
+        value = (_rank(st, allocator), st["cpu_seconds_per_step"] * scale)
+        if st.get("setting", "mds") == "mds":
+            step.setdefault(st["method"], []).append(value)
+        else:
+            run_id = Run(st["method"], st["setting"], 0).run_id
+            run_step.setdefault((st.get("protocol", {}).get("name", ""), run_id), []).append(value)
+    question: dict[str, list[tuple[tuple, float]]] = {}
     bases = data.get("bases") or ([data["base"]] if data.get("base") else [])
     for src in runs + bases:
-        if src["environment"].get("threads") != 1:
+        if src["environment"].get("threads") != 1 or not _rank(src, allocator):
             continue
         for part in PART_TASKS:
             for t, v in src.get(part, {}).items():
                 if v.get("cpu_seconds") is not None:
-                    question.setdefault(t, []).append((_current_code(src), v["cpu_seconds"] / max(1, v["n"])))
+                    question.setdefault(t, []).append((_rank(src, allocator), v["cpu_seconds"] / max(1, v["n"])))
     micro = sorted({f"{x['protocol']['per_device_batch']} x {x['protocol']['grad_accum']}"
                     for x in list(data.get("steps", {}).values()) + runs if x.get("protocol")})
-    return {"micro_batches": micro, "step": _prefer_current(step), "question": _prefer_current(question),
-            "current": {k for k, v in step.items() if any(c for c, _ in v)}, "run_step": run_step,
+    return {"allocator": allocator, "micro_batches": micro, "step": _prefer_best(step),
+            "question": _prefer_best(question), "run_step": _prefer_best(run_step),
+            "current": {k for k, v in step.items() if any(rank[0] for rank, _ in v)},
+            "own_allocator": {"step": _best_is_own(step), "question": _best_is_own(question),
+                              "run_step": _best_is_own(run_step)},
             "current_loads": [x["environment"]["loadavg_1min"] for x in one_thread + timings
                               if _current_code(x) and x["environment"].get("loadavg_1min") is not None],
             "tokens_per_step": tokens}
 
 
-def _prefer_current(values: dict[str, list[tuple[bool, float]]]) -> dict[str, float]:
-    """Median per key of the current-code values where there are any, else of all."""
-    return {k: statistics.median([x for c, x in v if c] or [x for _, x in v]) for k, v in values.items()}
+def _prefer_best(values: dict[Any, list[tuple[tuple, float]]]) -> dict[Any, float]:
+    """Median per key of the values of the best rank that key has."""
+    out = {}
+    for k, v in values.items():
+        best = max(rank for rank, _ in v)
+        out[k] = statistics.median([x for rank, x in v if rank == best])
+    return out
+
+
+def _best_is_own(values: dict[Any, list[tuple[tuple, float]]]) -> set:
+    """Keys whose best-ranked values were measured with the allocator asked for."""
+    return {k for k, v in values.items() if max(rank for rank, _ in v)[1]}
 
 
 def _median(values: list[float]) -> float | None:
@@ -1105,7 +1182,12 @@ def projection(costs: dict[str, Any], protocol: Protocol, workers: int = 2) -> l
     lines = [f"Evaluation of one model at the `{protocol.name}` sizes: " +
              " + ".join(f"{n} x {q[t]:.3f}" for t, n in sizes.items()) + f" = **{eval_s:.0f} s**.", ""]
     main_runs = plan("main")
-    total = eval_s  # the base model, once
+    # a curve run scores the general suite (and the math probe) at curve_points - 1 intermediate steps on top of
+    # its final evaluation; the main runs that are curve runs too (`twin`) pay that, and the curves budget nothing
+    general_s = sum(n * q[t] for t, n in sizes.items() if t not in DOWNSTREAM_TASKS)
+    curve_s = (protocol.curve_points - 1) * general_s
+    with_curve = [r for r in main_runs if twin(r, protocol.name) is not None]
+    total = eval_s + len(with_curve) * curve_s  # the base model, once
     lines += ["| method | s/step | measured? | train s | eval s | run s |", "|---|---|---|---|---|---|"]
     for m in MAIN_METHODS:
         per = costs["step"].get(m, worst)
@@ -1114,34 +1196,42 @@ def projection(costs: dict[str, Any], protocol: Protocol, workers: int = 2) -> l
         measured = ("current code" if m in costs.get("current", ()) else "older code") if m in costs["step"] \
             else "no: slowest measured used"
         lines.append(f"| {m} | {per:.1f} | {measured} | {train:.0f} | {eval_s:.0f} | {train + eval_s + 10:.0f} |")
-    lines += ["", f"Main budget: base + 24 runs (+10 s model loading each) = {total / 3600:.2f} core-hours, i.e. "
+    lines += ["", "Main budget: base + 24 runs (+10 s model loading each)"
+              + (f", {len(with_curve)} of which ({', '.join(r.run_id for r in with_curve)}) also score the curves "
+                 f"({protocol.curve_points - 1} general-suite scorings of {general_s:.0f} s each) and are stored as "
+                 "the curves budget's runs too" if with_curve else "")
+              + f" = {total / 3600:.2f} core-hours, i.e. "
               f"**{total / 3600 / workers:.2f} h with {workers} workers x 1 thread** on the 2 cores "
               f"(target: 6 h: {'met' if total / workers <= 6 * 3600 else 'not met'})."]
-    # the other budgets: SLIM settings and curve runs; a curve run scores the general suite (and the math probe)
-    # at curve_points - 1 intermediate steps on top of its final evaluation
-    general_s = sum(n * q[t] for t, n in sizes.items() if t not in DOWNSTREAM_TASKS)
     rest, own = 0.0, 0
     rest_runs = {r for b in ("ablations", "sweeps", "curves", "diagnostics") for r in plan(b) if r.setting != "mds"}
-    for r in rest_runs:
+    trained_in_main = {r for r in rest_runs if twin(r, protocol.name) in main_runs}
+    for r in rest_runs - trained_in_main:
         per = costs.get("run_step", {}).get((protocol.name, r.run_id))
         own += per is not None
         per = per if per is not None else costs["step"].get(r.method, worst)
-        extra = (protocol.curve_points - 1) * general_s if SETTINGS[r.setting].curve else 0.0
+        extra = curve_s if SETTINGS[r.setting].curve else 0.0
         rest += protocol.max_steps * per + eval_s + extra + 10
-    lines.append(f"The other budgets (ablations, sweeps, curves, diagnostics: {len(rest_runs)} runs, {own} at "
+    lines.append(f"The other budgets (ablations, sweeps, curves, diagnostics: {len(rest_runs)} runs, "
+                 f"{len(trained_in_main)} of them trained by the main budget, {own} at "
                  f"their own s/step measured with the current code, the others at their method's s/step, which "
-                 f"prices low a setting that does more work per step, such as exact merging; "
-                 f"a curve run adds {protocol.curve_points - 1} general-suite scorings of "
-                 f"{general_s:.0f} s) = {rest / 3600:.2f} core-hours, i.e. **{rest / 3600 / workers:.2f} h** "
+                 f"prices low a setting that does more work per step) = {rest / 3600:.2f} core-hours, i.e. "
+                 f"**{rest / 3600 / workers:.2f} h** "
                  f"(target: 4 h: {'met' if rest / workers <= 4 * 3600 else 'not met'}).")
     return lines
 
 
+ALLOCATOR_LABEL = {"system": "glibc malloc", "jemalloc": "jemalloc"}
+
+
 def sizing_section(proto_name: str, data: dict[str, Any]) -> list[str]:
-    """Measured costs of this protocol's runs and, from them, the projected cost of the study's main budget."""
+    """Measured costs of this protocol's runs and, from them, the projected cost of the study's budgets: with
+    the system malloc and, where anything was measured under it, with jemalloc (`slim_peft.allocator`)."""
     costs = measured_costs(data)
     if not costs["step"] and not costs["question"]:
         return []
+    sources = [*data["runs"].values(), *data.get("steps", {}).values(), *(data.get("bases") or [])]
+    fast = measured_costs(data, "jemalloc") if any(_allocator(x) == "jemalloc" for x in sources) else None
     loads = costs.get("current_loads") or []
     load = f" (1-min load average {min(loads):.1f}-{max(loads):.1f} at their end)" if loads else ""
     lines = ["CPU seconds of one 1-thread worker: medians over the stored runs, base scorings and step timings "
@@ -1150,21 +1240,53 @@ def sizing_section(proto_name: str, data: dict[str, Any]) -> list[str]:
              "runs' median tokens per step. Wall time of a 1-thread worker equals its CPU time when it has a core "
              "to itself: two workers on the 2 cores make a load average of 2; above that other jobs shared the "
              "cores, which inflates CPU time too (shared caches), so a projection from such measurements errs "
-             "long.", "",
-             "| method | CPU s per training step (batch " + str(PROTOCOLS["study"].batch) + ") | measured with |",
-             "|---|---|---|"]
-    lines += [f"| {m} | {v:.2f} | {'current code' if m in costs.get('current', ()) else 'older code'} |"
-              for m, v in sorted(costs["step"].items(), key=lambda kv: _method_order((kv[0], "")))]
+             "long."]
+    if fast:
+        lines[0] += (" Each cost is given for both allocators the study runs with (`--allocator`): glibc's malloc "
+                     "and jemalloc, preloaded with `--allocator jemalloc` (see "
+                     "`src/slim_peft/allocator.py`); `-` where jemalloc has no measurement of its own (its "
+                     "projection then uses glibc's, which errs long). glibc's is the default: jemalloc with its "
+                     "decay off keeps every freed page, and the exact-merge run outgrew the 24 GB machine under "
+                     "it (see the script's docstring), so its projection holds only where memory allows.")
+    lines += [""] + _cost_table("method", f"CPU s per training step (batch {PROTOCOLS['study'].batch})",
+                                costs, fast, "step", lambda m: _method_order((m, "")), 2)
+    if fast and fast["run_step"]:
+        own = {k: v for k, v in fast["run_step"].items() if k in fast["own_allocator"]["run_step"]}
+        if own:
+            lines += ["", "Settings timed on their own (jemalloc): " + ", ".join(
+                f"{rid.split('__')[0]} {v:.2f} (glibc {costs['run_step'][(p, rid)]:.2f})"
+                if (p, rid) in costs["run_step"] else f"{rid.split('__')[0]} {v:.2f}"
+                for (p, rid), v in sorted(own.items())) + " CPU s per step."]
     if costs.get("micro_batches"):
         lines += ["", "Measured with micro-batch x accumulation: " + ", ".join(costs["micro_batches"]) +
                   f" (the study uses {PROTOCOLS['study'].per_device_batch} x {PROTOCOLS['study'].grad_accum}; "
                   "same 16 examples per step)."]
     if costs.get("tokens_per_step"):
         lines += ["", f"Tokens per step (median, padding included): {costs['tokens_per_step']:.0f}."]
-    lines += ["", "| task | CPU s per question |", "|---|---|"]
-    lines += [f"| {t} | {v:.3f} |" for t, v in costs["question"].items()]
-    lines += ["", "Projected cost of the study (`--budget main`) from these measurements:", ""]
-    lines += projection(costs, PROTOCOLS["study"])
+    lines += [""] + _cost_table("task", "CPU s per question", costs, fast, "question", None, 3)
+    for c in (costs, fast) if fast else (costs,):
+        lines += ["", f"Projected cost of the study with {ALLOCATOR_LABEL[c['allocator']]} from these "
+                  "measurements:", ""]
+        lines += projection(c, PROTOCOLS["study"])
+    return lines
+
+
+def _cost_table(key: str, what: str, costs: dict, fast: dict | None, part: str, order, digits: int) -> list[str]:
+    """A Markdown table of `costs[part]`, with jemalloc's figures and the ratio beside them when measured."""
+    keys = sorted(costs[part], key=order) if order else list(costs[part])
+    if not fast:
+        current = costs.get("current", ()) if part == "step" else None
+        head = [f"| {key} | {what} |" + (" measured with |" if current is not None else ""),
+                "|---|---|" + ("---|" if current is not None else "")]
+        return head + [f"| {k} | {costs[part][k]:.{digits}f} |" +
+                       ((" current code |" if k in current else " older code |") if current is not None else "")
+                       for k in keys]
+    lines = [f"| {key} | {what}: glibc | jemalloc | glibc / jemalloc |", "|---|---|---|---|"]
+    for k in keys:
+        own = k in fast["own_allocator"][part]
+        j = fast[part].get(k)
+        lines.append(f"| {k} | {costs[part][k]:.{digits}f} | " + (f"{j:.{digits}f} | {costs[part][k] / j:.2f}x |"
+                                                                if own and j else "- | - |"))
     return lines
 
 
@@ -1262,8 +1384,11 @@ def status_section(data: dict[str, Any], runs_dir: Path) -> list[str]:
               "this scale and which do not) belong with the complete main table; until every main run is stored, "
               "the study tables are partial and the pilot is a smoke test of the pipeline, not evidence.", "",
               "Continue or extend the study (stored runs are skipped; a killed run resumes from its last training "
-              "checkpoint in `~/.cache/slim-peft/forgetting-work/`):", "",
-              "    python benchmarks/forgetting.py --budget main --workers 2      # 8 methods x 3 seeds",
+              "checkpoint in `~/.cache/slim-peft/forgetting-work/`; seed 0 of LoRA, MixLoRA and SLIM scores the "
+              "general suite over steps as it trains and is stored as the curves budget's run too; "
+              "`--allocator jemalloc` makes training steps 1.1-1.3x faster where memory allows, see the module "
+              "docstring):", "",
+              "    python benchmarks/forgetting.py --budget main --workers 2      # 8 methods x 3 seeds, curves",
               "    python benchmarks/forgetting.py --budget ablations --workers 2",
               "    python benchmarks/forgetting.py --budget sweeps --workers 2",
               "    python benchmarks/forgetting.py --budget curves --workers 2",
@@ -1842,8 +1967,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="print the runs, their status and the stderr table; run nothing")
     ap.add_argument("--report-only", action="store_true", help="only regenerate the report from stored JSONs")
     ap.add_argument("--measure-steps", type=int, default=None, metavar="N",
-                    help="only time N training steps of each selected method (no evaluation) and store "
-                         "steps__<method>.json, for sizing")
+                    help="only time N training steps of each selected (method, setting) (no evaluation) and "
+                         "store steps__[<setting>__]<method>[__<allocator>].json, for sizing")
+    ap.add_argument("--allocator", choices=("auto", "jemalloc", "system"), default="system",
+                    help="malloc of the study's processes: system (default, glibc's), jemalloc (required; "
+                         "1.1-1.3x faster training steps, but it keeps every freed page: the exact-merge run "
+                         "outgrew 23 GB), auto (jemalloc when found, see src/slim_peft/allocator.py)")
     ap.add_argument("--no-report", action="store_true", help="do not regenerate the report after each run")
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     return ap.parse_args(argv)
@@ -1914,11 +2043,12 @@ def main(argv: list[str] | None = None) -> int:
         return spawn_workers(args, argv)
     if args.measure_steps:
         study = Study(protocol, args.runs_dir, args.work_dir, threads=args.threads, command=command_line(argv))
-        for m in dict.fromkeys(r.method for r in runs):
-            res = study.measure_steps(m, args.measure_steps)
-            write_json(args.runs_dir / protocol.name / f"steps__{m}.json", res)
-            print(f"[forgetting] {m}: {res['cpu_seconds_per_step']:.2f} CPU s/step, "
-                  f"{res['wall_seconds_per_step']:.2f} wall s/step", flush=True)
+        for r in dict.fromkeys(Run(r.method, r.setting, 0) for r in runs):
+            res = run_isolated(study, "measure_steps", r, args.measure_steps)
+            write_json(steps_path(args.runs_dir / protocol.name, r, res["environment"]["allocator"]), res)
+            print(f"[forgetting] {r.setting} {r.method}: {res['cpu_seconds_per_step']:.2f} CPU s/step, "
+                  f"{res['wall_seconds_per_step']:.2f} wall s/step, peak RSS {res['peak_rss_gb']} GB "
+                  f"({res['environment']['allocator']} malloc)", flush=True)
         if not args.no_report:
             write_report(args.runs_dir, args.report)
         return 0
@@ -1955,6 +2085,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             streak = 0
             write_json(r.path(args.runs_dir, protocol), result)
+            if (other := twin(r, protocol.name)) is not None and run_status(other, args.runs_dir, protocol) != "done":
+                write_json(other.path(args.runs_dir, protocol), twin_result(result, other))
+                print(f"[forgetting] {r.run_id}: stored as {other.run_id} too (the same training)", flush=True)
         finally:
             lock.release()
         done += 1
@@ -1971,6 +2104,21 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures else 0
 
 
+def _allocator_choice(argv: list[str]) -> str:
+    """--allocator's value, read before argparse (the process is replaced before anything else runs)."""
+    for i, a in enumerate(argv):
+        if a.startswith("--allocator="):
+            return a.split("=", 1)[1]
+        if a == "--allocator" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "system"
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO / "src"))
+    choice = _allocator_choice(sys.argv[1:])
+    if choice in ("auto", "jemalloc") and not {"--report-only", "--plan", "-h", "--help"} & set(sys.argv):
+        from slim_peft.allocator import reexec_with_jemalloc
+
+        reexec_with_jemalloc(choice)  # returns only when already preloaded, or (auto) when there is none
     raise SystemExit(main())

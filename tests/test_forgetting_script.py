@@ -18,7 +18,7 @@ def fg():
 @pytest.fixture(autouse=True)
 def in_process(fg, monkeypatch):
     """Runs execute in this process (the script spawns a fresh process per run), so the fakes below apply."""
-    monkeypatch.setattr(fg, "run_isolated", lambda study, method, arg: getattr(study, method)(arg))
+    monkeypatch.setattr(fg, "run_isolated", lambda study, method, *args: getattr(study, method)(*args))
 
 
 def fake_scores(fg, shift: float = 0.0) -> dict:
@@ -155,6 +155,37 @@ def test_pending_runs_are_executed_and_stored(fg, tmp_path, monkeypatch):
     assert [p.name for p in stored] == ["mds__lora__seed0.json"]
     data = json.loads(stored[0].read_text())
     assert data["protocol"]["max_steps"] == 2 and data["learning_rate"] == fg.METHODS["lora"].lr
+
+
+def test_a_main_run_that_is_also_a_curve_run_is_trained_once_and_stored_twice(fg, tmp_path, monkeypatch):
+    proto = fg.PROTOCOLS["study"]
+    assert fg.twin(fg.Run("lora", "mds", 0)) == fg.Run("lora", "curve", 0)
+    assert fg.twin(fg.Run("lora", "curve", 0)) == fg.Run("lora", "mds", 0)
+    assert fg.twin(fg.Run("lora", "mds", 1)) is None and fg.twin(fg.Run("dora", "mds", 0)) is None
+    assert fg.twin(fg.Run("slim", "mds", 0), "pilot") is None  # the pilot's runs score no curve
+    store_base(fg, tmp_path, proto)
+    executed = []
+    monkeypatch.setattr(fg.Study, "execute", lambda self, run: executed.append(run) or fake_run(fg, run, proto))
+    monkeypatch.setattr(fg.Study, "ensure_base", lambda self, *a, **kw: pytest.fail("the base is stored"))
+    common = ["--runs-dir", str(tmp_path), "--no-report", "--work-dir", str(tmp_path / "work")]
+    assert fg.main(["--budget", "main", "--methods", "lora,dora", "--seeds", "0", *common]) == 0
+    stored = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "study").glob("*__seed*.json")}
+    assert set(stored) == {"mds__lora__seed0", "curve__lora__seed0", "mds__dora__seed0"}
+    copy = stored["curve__lora__seed0"]
+    assert copy["twin_of"] == "mds__lora__seed0" and copy["group"] == "curve"
+    assert copy["downstream_mean"] == stored["mds__lora__seed0"]["downstream_mean"]
+    assert fg.run_status(fg.Run("lora", "curve", 0), tmp_path, proto) == "done"
+    executed.clear()
+    assert fg.main(["--budget", "curves", *common]) == 0
+    assert executed == [fg.Run("mixlora", "curve", 0), fg.Run("slim", "curve", 0)]  # lora's is stored
+    assert json.loads((tmp_path / "study" / "mds__slim__seed0.json").read_text())["twin_of"] == "curve__slim__seed0"
+    data = fg.collect(tmp_path)["study"]
+    for r in data["runs"].values():  # a copy marked by an absurd cost: it must not enter the medians
+        r["environment"] = {**r["environment"], "threads": 1, "adapter_dropout": "LoraDropout"}
+        r["train"] = {**r["train"], "cpu_seconds": 1e6 if r.get("twin_of") else 100.0}
+    assert len(data["runs"]) == 7 and sum(1 for r in data["runs"].values() if r.get("twin_of")) == 3
+    costs = fg.measured_costs(data)
+    assert costs["step"] == {m: 100.0 / proto.max_steps for m in ("lora", "dora", "mixlora", "slim")}
 
 
 def test_plan_only_runs_nothing(fg, tmp_path, monkeypatch, capsys):
@@ -355,8 +386,16 @@ def test_projection_adds_up_the_measured_costs_and_says_whether_the_targets_hold
     n_questions = sum(min(proto.downstream_limit, n) for n in (247, 951, 1682)) + proto.math_limit + sum(
         proto.general_limit(t) * (fg.MMLU_SUBJECTS if t == "mmlu" else 1) for t, _ in proto.general_sizes)
     eval_s = 0.01 * n_questions
-    main_hours = (eval_s + 24 * (proto.max_steps + eval_s + 10)) / 3600
+    general_s = 0.01 * sum(proto.general_limit(t) * (fg.MMLU_SUBJECTS if t == "mmlu" else 1)
+                           for t, _ in proto.general_sizes) + 0.01 * proto.math_limit
+    curve_s = (proto.curve_points - 1) * general_s  # seed 0 of lora, mixlora and slim also score the curves
+    main_hours = (eval_s + 3 * curve_s + 24 * (proto.max_steps + eval_s + 10)) / 3600
     assert f"= {main_hours:.2f} core-hours" in text
+    assert "3 of which (mds__lora__seed0, mds__mixlora__seed0, mds__slim__seed0) also score the curves" in text
+    rest = [r for b in ("ablations", "sweeps", "diagnostics") for r in fg.plan(b) if r.setting != "mds"]
+    rest_hours = len(set(rest)) * (proto.max_steps + eval_s + 10) / 3600  # the curve runs: trained by main
+    assert "3 of them trained by the main budget, 0 at their own s/step" in text
+    assert f"= {rest_hours:.2f} core-hours, i.e. **{rest_hours / 2:.2f} h** (target: 4 h: met)" in text
 
     slow = {"step": {m: 1000.0 for m in fg.MAIN_METHODS}, "question": costs["question"]}
     text = "\n".join(fg.projection(slow, proto))
@@ -399,11 +438,48 @@ def test_measured_costs_prefer_current_code_and_scale_step_timings_to_the_runs_t
     costs["question"] = {t: 0.0 for t in [*fg.DOWNSTREAM_TASKS, *fg.GENERAL_TASKS, fg.MATH_TASK]}
     text = "\n".join(fg.projection(costs, proto))
     assert "| slim | 50.0 | current code |" in text and "| lora | 15.0 | older code |" in text
-    rest = [r for b in ("ablations", "sweeps", "curves", "diagnostics") for r in fg.plan(b) if r.setting != "mds"]
+    rest = [r for b in ("ablations", "sweeps", "diagnostics") for r in fg.plan(b) if r.setting != "mds"]
     own = {"exact_merge": 80.0}  # the one setting with a current-code run of its own; the rest at the method's
     per_method = {"slim": 50.0, "lora": 15.0}  # curve__mixlora: not measured, the slowest (80) is used
     rest_s = sum(proto.max_steps * own.get(r.setting, per_method.get(r.method, 80.0)) + 10 for r in set(rest))
     assert "1 at their own s/step" in text and f"= {rest_s / 3600:.2f} core-hours" in text
+
+
+def test_costs_per_allocator_prefer_its_own_measurements_and_time_settings_on_their_own(fg, tmp_path):
+    proto = fg.PROTOCOLS["study"]
+    current = {**env(), "threads": 1, "adapter_dropout": "LoraDropout"}
+
+    def timing(method, setting, cpu, allocator=None):
+        return {"kind": "steps", "method": method, "setting": setting, "cpu_seconds_per_step": cpu,
+                "protocol": proto.to_dict(), "tokens_per_step": None,
+                "environment": {**current, **({"allocator": allocator} if allocator else {})}}
+
+    steps = {"slim": timing("slim", "mds", 20.0), "lora": timing("lora", "mds", 16.0),
+             "j/slim": timing("slim", "mds", 16.0, "jemalloc"),
+             "j/exact": timing("slim", "exact_merge", 60.0, "jemalloc"),
+             "t/lora": timing("lora", "mds", 1.0, "tcmalloc")}  # another allocator: in neither projection
+    data = {"runs": {}, "steps": steps, "base": None}
+    system, fast = fg.measured_costs(data), fg.measured_costs(data, "jemalloc")
+    assert system["step"] == {"slim": 20.0, "lora": 16.0} and system["run_step"] == {}
+    assert fast["step"] == {"slim": 16.0, "lora": 16.0}  # lora: no jemalloc timing, glibc's is used
+    assert fast["own_allocator"]["step"] == {"slim"}
+    assert fast["run_step"] == {("study", "exact_merge__slim__seed0"): 60.0}  # a setting prices its own runs
+
+    assert fg.steps_path(tmp_path, fg.Run("slim", "mds", 0)).name == "steps__slim.json"
+    assert fg.steps_path(tmp_path, fg.Run("slim", "exact_merge", 0)).name == "steps__exact_merge__slim.json"
+    assert fg.steps_path(tmp_path, fg.Run("slim", "mds", 0), "jemalloc").name == "steps__slim__jemalloc.json"
+    base = {"kind": "base", "environment": current,
+            "general": {t: {"cpu_seconds": 2.0, "n": 10} for t in fg.GENERAL_TASKS},
+            "downstream": {t: {"cpu_seconds": 2.0, "n": 10} for t in fg.DOWNSTREAM_TASKS},
+            "math": {fg.MATH_TASK: {"cpu_seconds": 2.0, "n": 10}}}
+    fast_base = {"kind": "base", "environment": {**current, "allocator": "jemalloc"},  # the general suite only
+                 "general": {t: {"cpu_seconds": 1.0, "n": 10} for t in fg.GENERAL_TASKS}}
+    data["bases"] = [base, fast_base]
+    text = "\n".join(fg.sizing_section("all", data))
+    assert "| slim | 20.00 | 16.00 | 1.25x |" in text and "| lora | 16.00 | - | - |" in text
+    assert "| arc_easy | 0.200 | 0.100 | 2.00x |" in text and "| boolq | 0.200 | - | - |" in text
+    assert "exact_merge 60.00" in text
+    assert "with glibc malloc" in text and "with jemalloc" in text
 
 
 def test_runs_record_their_adapter_dropout_and_the_report_counts_each_kind(fg):
@@ -443,3 +519,11 @@ def test_training_arguments_follow_the_protocol(fg, tmp_path):
     assert (args.lr_scheduler_type, args.warmup_ratio, args.weight_decay, args.max_grad_norm) == (
         p.scheduler, p.warmup_ratio, p.weight_decay, p.max_grad_norm)
     assert args.max_seq_length == p.max_seq_length and args.group_by_length and args.torch_num_threads == 1
+
+
+def test_the_study_runs_with_the_system_malloc_unless_asked(fg):
+    """jemalloc is opt-in: with its decay off the exact-merge run outgrew the machine's memory."""
+    assert fg._allocator_choice([]) == "system"
+    assert fg._allocator_choice(["--budget", "main"]) == "system"
+    assert fg._allocator_choice(["--allocator", "jemalloc"]) == "jemalloc"
+    assert fg._allocator_choice(["--allocator=auto", "--budget", "main"]) == "auto"

@@ -17,10 +17,11 @@ import slim_peft as sp
 from slim_peft.layers.base import LoraDropout
 from slim_peft.layers.experts import (
     choose_dispatch,
+    dare_delta,
     dare_mixture,
-    dare_weights,
     dense_gates,
     dense_mixture,
+    drop_keep_mask,
     drop_rescale_mask,
     exact_dare_mixture,
     expert_rows_loop,
@@ -370,18 +371,32 @@ def test_every_adapter_family_uses_the_fast_dropout():
         assert drops and all(isinstance(m, LoraDropout) for m in drops), cfg.method
 
 
-@pytest.mark.parametrize("d_in", [64, 62])  # 62: strides _grouped_mm refuses, so the loop runs
-def test_grouped_exact_dare_equals_the_dense_reference_in_values_and_gradients(d_in):
-    x, A, B, idx, w, _ = problem(E=4, r=8, d_in=d_in, d_out=96, T=30, K=2, num_identity=2)
-    mask = drop_rescale_mask((4, 96, d_in), 0.5)
-    assert grouped_mm_fits(x, A, B) == (d_in == 64)
-    want = exact_dare_mixture(x, A, B, dense_gates(idx, w, 4), mask)
-    got = dare_mixture(x, dare_weights(A, B, mask), idx, w)
+@pytest.mark.parametrize("scale", [2.0, 1.0])  # mask ratio 0.5 with and without the rescale
+def test_exact_dare_equals_the_dense_reference_in_values_and_gradients(scale):
+    x, A, B, idx, w, _ = problem(E=4, r=8, d_in=62, d_out=96, T=30, K=2, num_identity=2)
+    keep = drop_keep_mask((4, 96, 62), 0.5)
+    assert keep.dtype == torch.bool and 0.3 < keep.float().mean().item() < 0.7
+    want = exact_dare_mixture(x, A, B, dense_gates(idx, w, 4), keep.float() * scale)
+    got = dare_mixture(x, A, B, keep, scale, idx, w)  # autograd on: DareRows
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(got[0], torch.zeros_like(got[0]))  # row 0 picked only identity experts
     grads = [torch.autograd.grad(y.square().sum(), (x, A, B, w)) for y in (want, got)]
     for g_want, g_got in zip(*grads, strict=True):
         torch.testing.assert_close(g_got, g_want, atol=1e-3, rtol=1e-4)
+    with torch.no_grad():  # evaluation: the same values, from the updates formed once (as SlimLinear caches)
+        delta = dare_delta(A, B, keep, scale)
+        torch.testing.assert_close(dare_mixture(x, A, B, keep, scale, idx, w, delta), want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(delta, torch.bmm(B, A) * keep * scale)
+
+
+def test_exact_dare_with_every_pick_on_identity_experts_adds_nothing():
+    x, A, B, _, w, _ = problem(E=4, r=8, d_in=64, d_out=96, T=10, K=2, num_identity=2)
+    idx = torch.full((10, 2), 4)  # every pick an identity expert
+    y = dare_mixture(x, A, B, drop_keep_mask((4, 96, 64), 0.5), 2.0, idx, w)
+    assert torch.equal(y, torch.zeros(10, 96))
+    gx, gA = torch.autograd.grad(y.sum(), (x, A), allow_unused=True)
+    assert gx is None or not gx.any()
+    assert gA is None or not gA.any()
 
 
 def test_training_dare_mask_is_dare():

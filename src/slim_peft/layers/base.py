@@ -133,11 +133,16 @@ def dropout_noise(shape: torch.Size, p: float, dtype: torch.dtype, device: torch
                   scale: float | None = None) -> torch.Tensor:
     """keep * scale (default 1 / (1 - p)), keep_i = [u_i < round((1 - p) 2^16)] with u_i uniform 16-bit
     words from the global RNG (see LoraDropout)."""
+    return keep_noise(shape, p, device).to(dtype).mul_(1.0 / (1.0 - p) if scale is None else scale)
+
+
+def keep_noise(shape: torch.Size, p: float, device: torch.device | None) -> torch.Tensor:
+    """keep_i = [u_i < round((1 - p) 2^16)] as booleans, u_i uniform 16-bit words from the global RNG (64
+    random bits per 4 elements)."""
     n = shape.numel()
     words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
     u = words.view(torch.int16)[:n].view(shape)  # uniform on [-2^15, 2^15)
-    threshold = round((1.0 - p) * 65536) - 32768
-    return (u < threshold).to(dtype).mul_(1.0 / (1.0 - p) if scale is None else scale)
+    return u < round((1.0 - p) * 65536) - 32768
 
 
 def adapter_dropout(p: float) -> nn.Module:

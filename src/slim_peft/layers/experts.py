@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .base import dropout_noise, kaiming_uniform_
+from .base import dropout_noise, kaiming_uniform_, keep_noise
 
 DENSE_MAX_TOTAL_RANK = 128  # `dispatch="auto"`: dense up to this E * r ...
 DENSE_MAX_EXPERTS_PER_PICK = 4  # ... and while E <= 4 K (dense work E r vs grouped work K r per row)
@@ -282,28 +282,87 @@ def masked_factors(A: torch.Tensor, B: torch.Tensor, mask_a: torch.Tensor, mask_
     return A * mask_a.unsqueeze(1).to(A.dtype), B * mask_b.unsqueeze(2).to(B.dtype)
 
 
-def dare_weights(A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The exact form's masked updates (mask_e * B_e A_e)^T, (E + 1) x d_in x d_out in the layout
-    `_grouped_mm` takes, the last an all-zero expert for identity picks. Forms every B_e A_e."""
-    return _grouped_weights(torch.bmm(B, A) * mask, zero_expert=True)
+# --- exact DARE form: elementwise masks on every B_e A_e ---------------------------------------------------
+
+def drop_keep_mask(shape: tuple[int, ...], p: float, generator: torch.Generator | None = None,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """DARE's keep mask m ~ Bernoulli(1 - p) as booleans (1 byte per entry, where `drop_rescale_mask`'s floats
+    take 4; the exact form applies the 1 / (1 - p) rescale as a scalar). Global-RNG draws take `keep_noise`'s
+    16-bit words, seeded draws (SLIM's fixed eval masks) one float per entry."""
+    if generator is None and p > 0:
+        return keep_noise(torch.Size(shape), p, device)
+    return _uniform(shape, generator, device) >= p
 
 
-def dare_mixture(x: torch.Tensor, weights: torch.Tensor, expert_idx: torch.Tensor, expert_w: torch.Tensor
+def dare_delta(A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """The exact form's masked updates scale * m_e * (B_e A_e), E x d_out x d_in: forms every B_e A_e."""
+    delta = torch.bmm(B, A).mul_(keep)
+    return delta.mul_(scale) if scale != 1.0 else delta
+
+
+def dare_rows(xs: torch.Tensor, delta: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """Rows sorted by expert (`bounds[e]:bounds[e + 1]` are expert e's, on the host): row i of expert e
+    becomes delta_e x_i."""
+    y = xs.new_empty(xs.shape[0], delta.shape[1])
+    for e in range(len(bounds) - 1):
+        if bounds[e + 1] > bounds[e]:
+            torch.mm(xs[bounds[e]:bounds[e + 1]], delta[e].t(), out=y[bounds[e]:bounds[e + 1]])
+    return y
+
+
+class DareRows(torch.autograd.Function):
+    """`dare_rows(xs, dare_delta(A, B, keep, scale), bounds)` with gradients for xs, A and B. It saves xs, A, B
+    and the boolean mask, not the E dense d_out x d_in updates, and forms them again in backward (E d_out d_in r
+    multiply-adds, small beside the backward's products): autograd through `dare_delta` kept a float mask and
+    the updates per projection, 2 x 28 MB for one FFN projection of the embedded model."""
+
+    @staticmethod
+    def forward(ctx, xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, scale: float,
+                bounds: list[int]) -> torch.Tensor:
+        ctx.save_for_backward(xs, A, B, keep)
+        ctx.scale, ctx.bounds = scale, bounds
+        return dare_rows(xs, dare_delta(A, B, keep, scale), bounds)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        xs, A, B, keep = ctx.saved_tensors
+        bounds = ctx.bounds
+        delta = dare_delta(A, B, keep, ctx.scale)
+        gx = torch.empty_like(xs) if ctx.needs_input_grad[0] else None
+        for e in range(len(bounds) - 1):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi == lo:
+                delta[e].zero_()
+                continue
+            if gx is not None:
+                torch.mm(gy[lo:hi], delta[e], out=gx[lo:hi])
+            torch.mm(gy[lo:hi].t(), xs[lo:hi], out=delta[e])  # delta_e is spent: its buffer takes dL/d delta_e
+        g = delta.mul_(keep)  # dL/d(B_e A_e) = scale * m_e * dL/d delta_e
+        if ctx.scale != 1.0:
+            g.mul_(ctx.scale)
+        return gx, torch.bmm(B.transpose(1, 2), g), torch.bmm(g, A.transpose(1, 2)), None, None, None
+
+
+def dare_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, scale: float,
+                 expert_idx: torch.Tensor, expert_w: torch.Tensor, delta: torch.Tensor | None = None
                  ) -> torch.Tensor:
-    """sum over the selected (token, expert) pairs of w (mask_e * B_e A_e) x_t, `weights` from `dare_weights`:
-    the exact DARE form with the (token, expert) pairs grouped as in `grouped_mixture`, so a token costs its
-    K dense products, not E (`exact_dare_mixture`); ids >= E (identity experts) add nothing."""
-    num_experts, d_in, d_out = weights.shape[0] - 1, weights.shape[1], weights.shape[2]
-
-    def rows(xs: torch.Tensor, offsets: torch.Tensor, row_w: torch.Tensor) -> torch.Tensor:
-        if _grouped_mm_fits(xs, (weights,), (d_in, d_out)):
-            y = torch._grouped_mm(xs, weights, offs=offsets)
-        else:  # loop over experts, reading the offsets on the host
-            bounds = [0] + offsets.tolist()
-            y = torch.cat([xs[bounds[e]:bounds[e + 1]] @ weights[e] for e in range(num_experts + 1)])
-        return y * row_w.unsqueeze(-1).to(y.dtype)
-
-    return _sorted_mixture(x, num_experts, d_out, expert_idx, expert_w, None, rows)
+    """sum over the selected (token, expert) pairs of w (scale m_e * B_e A_e) x_t: the exact DARE form, with
+    the pairs grouped by expert as in `grouped_mixture`, so a token costs its K dense products, not E
+    (`exact_dare_mixture`). Identity picks (ids >= E, a third of the picks in the study) are dropped before the
+    products; that reads the per-expert counts on the host (one synchronisation per call). With autograd
+    through `DareRows`; without, from `delta` (`dare_delta`, e.g. cached) or formed here."""
+    E = A.shape[0]
+    order, token, offsets = sort_pairs(expert_idx, E)
+    bounds = [0, *offsets[:E].tolist()]
+    n = bounds[-1]
+    token = token[:n]
+    xs = x.index_select(0, token)
+    if torch.is_grad_enabled() and (xs.requires_grad or A.requires_grad or B.requires_grad):
+        rows = DareRows.apply(xs, A, B, keep, scale, bounds)
+    else:
+        rows = dare_rows(xs, dare_delta(A, B, keep, scale) if delta is None else delta, bounds)
+    rows = rows * expert_w.reshape(-1).index_select(0, order[:n]).unsqueeze(-1).to(rows.dtype)
+    return rows.new_zeros(x.shape[0], rows.shape[1]).index_add_(0, token, rows)
 
 
 def exact_dare_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gates: torch.Tensor,

@@ -45,9 +45,9 @@ from ..config import FFN_PROJ, AdapterConfig, SlimConfig
 from .base import ForwardContext, Method, adapter_dropout, find_targets, set_module
 from .experts import (
     LoraExpertBank,
+    dare_delta,
     dare_mixture,
-    dare_weights,
-    drop_rescale_mask,
+    drop_keep_mask,
     factor_masks,
     masked_factors,
     mix_experts,
@@ -243,7 +243,7 @@ class SlimLinear(nn.Module):
         E, _, d_in = A.shape
         d_out = self.experts.lora_B.shape[1]
         if cfg.merge_form == "exact":
-            return (drop_rescale_mask((E, d_out, d_in), cfg.mask_ratio, cfg.rescale, generator, A.device),)
+            return (drop_keep_mask((E, d_out, d_in), cfg.mask_ratio, generator, A.device),)
         return factor_masks(E, d_in, d_out, cfg.mask_ratio, cfg.rescale, generator, A.device)
 
     def masks(self) -> tuple[torch.Tensor, ...] | None:
@@ -272,13 +272,18 @@ class SlimLinear(nn.Module):
 
         return self._eval_cached(masks, build, for_cache)
 
-    def dare_weights(self, mask: torch.Tensor) -> torch.Tensor:
-        """The exact form's masked updates (`dare_weights`), cached in eval like `factors`: forming E dense
+    @property
+    def dare_scale(self) -> float:
+        """The exact form's rescale 1 / (1 - p) (1 without `rescale`)."""
+        return 1.0 / (1.0 - self.cfg.mask_ratio) if self.cfg.rescale else 1.0
+
+    def dare_delta(self, keep: torch.Tensor) -> torch.Tensor:
+        """The exact form's masked updates (`dare_delta`), cached in eval like `factors`: forming E dense
         d_out x d_in products per forward would dominate evaluation."""
         def build() -> torch.Tensor:
-            return dare_weights(self.experts.lora_A, self.experts.lora_B, mask)
+            return dare_delta(self.experts.lora_A, self.experts.lora_B, keep, self.dare_scale)
 
-        return self._eval_cached((mask,), build, build)
+        return self._eval_cached((keep,), build, build)
 
     def _eval_cached(self, masks: tuple[torch.Tensor, ...] | None, build: Callable[[], Any],
                      for_cache: Callable[[], Any]) -> Any:
@@ -304,8 +309,10 @@ class SlimLinear(nn.Module):
         weights = weights * self.scaling  # s rides on the T x K weights, not on the T x d_out output
         out = result.reshape(-1, result.shape[-1])
         masks = self.masks()
-        if masks is not None and len(masks) == 1:  # exact DARE form
-            y = out + dare_mixture(x_drop, self.dare_weights(masks[0]), idx, weights).to(out.dtype)
+        if masks is not None and len(masks) == 1:  # exact DARE form: a boolean keep mask
+            delta = None if torch.is_grad_enabled() else self.dare_delta(masks[0])
+            y = out + dare_mixture(x_drop, A, self.experts.lora_B, masks[0], self.dare_scale, idx, weights,
+                                   delta).to(out.dtype)
         else:
             y = mix_experts(x_drop, *self.factors(masks), idx, weights, self.cfg.dispatch, out=out)
         return y.view(result.shape)
