@@ -55,7 +55,7 @@ def timed(fn):
 
 
 def run_ours(model, tok, tasks: list[str], limit: int, batch_size: int) -> tuple[dict, float, float]:
-    from slim_peft.evaluate import evaluate
+    from slim_peft.evaluation import evaluate
 
     return timed(
         lambda: evaluate(
@@ -119,7 +119,8 @@ def loglik_diff(ours: dict, theirs: dict, task: str) -> float:
 def work_counts(model, tok, tasks: list[str], limit: int, batch_size: int) -> dict[str, Any]:
     """Tokens through the decoder and LM-head positions, ours vs lm-eval's HFLM, and the multiply-adds
     they imply (decoder linear layers per token; 49k x 576 per LM-head position)."""
-    from slim_peft.evaluate import encode_pair, packing_stats
+    from slim_peft.evaluation import encode_pair
+    from slim_peft.evaluation.scorer import packing_stats
     from slim_peft.tasks import get_task
 
     body = sum(m.weight.numel() for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear))

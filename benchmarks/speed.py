@@ -9,7 +9,7 @@ a. train step (forward + backward + AdamW step) of SLIM (8 LoRA + 2 identity exp
 b. inference prefill (8 x 128 prompt, KV cache on, logits of the last position) and 32-token greedy decode
    time of SLIM over the base model;
 c. our MixLoRA forward over the `mixlora` package's MixLoraModelForCausalLM forward on the same weights
-   (exported with `slim_peft.interop.save_moe_peft`; logits checked equal within 1e-4);
+   (exported with `slim_peft.integrations.moe_peft.save_moe_peft`; logits checked equal within 1e-4);
 d. SLIM's fast dynamic merge (row/column masks of B and A) over the exact elementwise DARE merge on one layer
    (layer 0 up_proj, 1024 tokens, training mode: a fresh mask per call; forward + backward);
 e. peak RSS of each configuration, each in a subprocess of its own (ru_maxrss after loading and two train
@@ -297,7 +297,7 @@ def peer_models(args, only: str | None = None):
 
     import slim_peft as sp
     from slim_peft.assets import embedded_model_dir
-    from slim_peft.interop import save_moe_peft
+    from slim_peft.integrations.moe_peft import save_moe_peft
     ours = sp.get_adapter_model(load_base(args.device), sp.config_from_dict({"method": "mixlora",
                                                                           **TRAIN_CONFIGS["mixlora"][1]}))
     randomize_adapter(ours, std=0.05)
@@ -347,8 +347,7 @@ def worker_merge(args) -> dict[str, Any]:
     import torch
 
     import slim_peft as sp
-    from slim_peft.layers.base import ForwardContext
-    from slim_peft.layers.slim import SlimLinear, SlimRouter
+    from slim_peft.adapters.methods.slim.layer import ForwardContext, SlimLinear, SlimRouter
     base = load_base(args.device)
     linear = base.model.layers[0].mlp.up_proj
     T = args.batch * args.seq
@@ -382,7 +381,7 @@ def worker_dispatch(args) -> dict[str, Any]:
     """Dense vs grouped dispatch on one linear, with and without autograd, min of the repeats."""
     import torch
 
-    from slim_peft.layers.experts import dense_gates, dense_mixture, grouped_mixture
+    from slim_peft.adapters.modules.experts import dense_gates, dense_mixture, grouped_mixture
     T = args.batch * args.seq
     rows = []
     cases = [(8, 16, 2), (8, 32, 2), (16, 16, 2), (8, 64, 2), (32, 16, 2), (8, 16, 1), (4, 16, 1)]
@@ -419,7 +418,7 @@ def worker_profile(args, what: str) -> dict[str, Any]:
     MixLoRA forward against the peer's ("peer"): labelled regions and top ops."""
     from torch.profiler import profile, record_function
 
-    import slim_peft.layers.slim as S
+    import slim_peft.adapters.methods.slim.layer as S
     wrapped = {"route": (S.SlimRouter, "route"), "mixture (dense/grouped)": (S, "mix_experts"),
                "mask drawing": (S.SlimLinear, "masks"), "masked factors": (S.SlimLinear, "factors")}
     for label, (obj, attr) in wrapped.items():

@@ -1,4 +1,4 @@
-"""slim_peft.allocator: finding jemalloc, the environment it is preloaded with, and re-executing under it."""
+"""slim_peft.training.allocator: finding jemalloc, the environment it is preloaded with, and re-executing under it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from slim_peft import allocator
+from slim_peft.training import allocator
 
 
 def test_this_process_runs_with_the_system_malloc_unless_preloaded():
@@ -79,7 +79,7 @@ def test_a_real_reexec_runs_under_jemalloc(tmp_path):
     if library is None or not sys.platform.startswith("linux"):
         pytest.skip("no libjemalloc.so.2 on this machine (apt-get install libjemalloc2, or SLIM_PEFT_JEMALLOC)")
     script = tmp_path / "job.py"
-    script.write_text("from slim_peft.allocator import reexec_with_jemalloc, loaded_allocator\n"
+    script.write_text("from slim_peft.training.allocator import reexec_with_jemalloc, loaded_allocator\n"
                       "print('start', flush=True)\n"
                       "reexec_with_jemalloc('jemalloc')\n"
                       "print(loaded_allocator())\n")

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from slim_peft import assets
 from slim_peft.assets import AssetError, WheelSpec
+from slim_peft.assets import embedded as assets
 
 FAKE_NAME, FAKE_VERSION = "slim-peft-fake-asset", "0.0.1"
 FAKE_FILE = "slim_peft_fake_asset-0.0.1-py3-none-any.whl"

@@ -11,12 +11,14 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import slim_peft as sp
-from slim_peft.config import FFN_PROJ
-from slim_peft.continual import ILoraLinear, ReplayBuffer, ReplayExample, consistency_loss
-from slim_peft.layers.loramoe import LoraMoeLinear, localized_balance_loss
-from slim_peft.layers.mixlora import MixLoraFFN, mixlora_balance_loss
-from slim_peft.layers.mola import MolaLinear, experts_per_layer
-from slim_peft.layers.routing import top_p_routing
+from slim_peft.adapters.methods.ilora.layer import ILoraLinear
+from slim_peft.adapters.methods.ilora.model import consistency_loss
+from slim_peft.adapters.methods.ilora.replay import ReplayBuffer, ReplayExample
+from slim_peft.adapters.methods.loramoe.layer import LoraMoeLinear, localized_balance_loss
+from slim_peft.adapters.methods.mixlora.layer import MixLoraFFN, mixlora_balance_loss
+from slim_peft.adapters.methods.mola.layer import MolaLinear, experts_per_layer
+from slim_peft.adapters.methods.slim.layer import FFN_PROJ
+from slim_peft.adapters.modules.routing import top_p_routing
 
 VOCAB = 128
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from slim_peft.cli import coerce, main, parse_overrides, split_config
-from slim_peft.config import ConfigError
-from slim_peft.train import list_checkpoints
+from slim_peft.cli.main import main
+from slim_peft.errors import ConfigError
+from slim_peft.training.checkpoint import list_checkpoints
+from slim_peft.training.job import coerce, parse_overrides, split_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "fish"]
@@ -87,14 +88,14 @@ def test_overrides_and_types():
 
 
 def test_every_example_config_is_valid():
-    from slim_peft.cli import load_yaml_config
-    from slim_peft.config import CONFIG_CLASSES
+    from slim_peft.adapters import METHODS
+    from slim_peft.training.job import load_yaml_config
 
     methods = set()
     for path in sorted(EXAMPLES.glob("*.yaml")):
         _, _, adapter = split_config(load_yaml_config(path))
         methods.add(adapter.method)
-    assert methods == set(CONFIG_CLASSES)  # one example per method
+    assert methods == set(METHODS)  # one example per method
 
 
 # --------------------------------------------------------------------------------- train from the CLI
@@ -120,7 +121,7 @@ def test_train_from_yaml_with_overrides(tmp_path, tiny_model_dir, task_file, cap
     assert any("aux/l1" in r for r in records)
     written = (out / "config.yaml").read_text()
     assert "max_steps: 3" in written and "method: slim" in written
-    from slim_peft.cli import load_yaml_config
+    from slim_peft.training.job import load_yaml_config
 
     again, data, adapter = split_config(load_yaml_config(out / "config.yaml"))  # it reads back
     assert again.max_steps == 3 and data.tasks == [str(task_file)] and adapter.num_lora_experts == 2
@@ -237,7 +238,7 @@ def test_inspect_and_bench_errors(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_run_on_the_embedded_model_writes_every_report_file(tmp_path):
-    from slim_peft.report import REPORT_FILES
+    from slim_peft.reporting import REPORT_FILES
 
     out = tmp_path / "run"
     exe = Path(sys.executable).parent / "slim-peft"

@@ -11,17 +11,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import slim_peft as sp
-from slim_peft.layers.experts import (
-    dense_gates,
-    dense_mixture,
-    drop_rescale_mask,
-    exact_dare_mixture,
-    factor_masks,
-    grouped_mixture,
-    masked_factors,
-)
-from slim_peft.layers.slim import SlimLinear, routers
-from slim_peft.model import CACHE_FIELD
+from slim_peft.adapters.methods.slim.layer import SlimLinear, routers
+from slim_peft.adapters.model import CACHE_FIELD
+from slim_peft.adapters.modules.dare import drop_rescale_mask, exact_dare_mixture, factor_masks, masked_factors
+from slim_peft.adapters.modules.experts import dense_gates, dense_mixture, grouped_mixture
 
 VOCAB = 128
 

@@ -12,19 +12,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-import slim_peft.evaluate as ev
-from slim_peft.evaluate import (
-    add_eval_arguments,
-    encode_pair,
-    eval_command,
-    evaluate,
-    forgetting_report,
-    letter_requests,
-    mean_stderr,
-    pack_sequences,
-    score_requests,
-    write_forgetting_report,
-)
+import slim_peft.evaluation as ev
+from slim_peft.cli.eval import add_arguments as add_eval_arguments
+from slim_peft.cli.eval import command as eval_command
+from slim_peft.cli.eval import write_forgetting_report
+from slim_peft.evaluation import encode_pair, evaluate, forgetting_report, letter_requests, mean_stderr, pack_sequences
+from slim_peft.evaluation.scorer import score_requests
 from slim_peft.tasks import get_task
 
 

@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import slim_peft as sp
-from slim_peft.interop import load_moe_peft, save_moe_peft
+from slim_peft.integrations.moe_peft import load_moe_peft, save_moe_peft
 
 VOCAB = 128
 

@@ -14,16 +14,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import slim_peft as sp
-from slim_peft.layers.base import LoraDropout
-from slim_peft.layers.experts import (
-    choose_dispatch,
+from slim_peft.adapters.methods.mixlora.layer import MixLoraFFN, select_experts
+from slim_peft.adapters.methods.slim.layer import SlimLinear, SlimRouter
+from slim_peft.adapters.modules.dare import (
     dare_delta,
     dare_mixture,
-    dense_gates,
-    dense_mixture,
     drop_keep_mask,
     drop_rescale_mask,
     exact_dare_mixture,
+)
+from slim_peft.adapters.modules.dropout import LoraDropout
+from slim_peft.adapters.modules.experts import (
+    choose_dispatch,
+    dense_gates,
+    dense_mixture,
     expert_rows_loop,
     grouped_mixture,
     grouped_mixture_loop,
@@ -32,8 +36,6 @@ from slim_peft.layers.experts import (
     grouped_rows,
     mix_experts,
 )
-from slim_peft.layers.mixlora import MixLoraFFN, select_experts
-from slim_peft.layers.slim import SlimLinear, SlimRouter
 
 VOCAB = 128
 

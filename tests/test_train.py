@@ -21,28 +21,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from slim_peft.config import ConfigError
-from slim_peft.data import (
-    IGNORE_INDEX,
+from slim_peft.data import IGNORE_INDEX, encode_example, end_of_turn_text
+from slim_peft.errors import ConfigError, DataError, NonFiniteLossError, OutputDirError, ResumeError
+from slim_peft.training import TrainingArguments, read_metrics
+from slim_peft.training.checkpoint import list_checkpoints, resolve_checkpoint
+from slim_peft.training.trainer import (
     Collator,
-    DataError,
     SeededBatchOrder,
     TokenizedExample,
-    encode_example,
-    end_of_turn_text,
-    shard,
-)
-from slim_peft.train import (
-    NonFiniteLossError,
-    OutputDirError,
-    ResumeError,
     Trainer,
-    TrainingArguments,
     build_scheduler,
-    list_checkpoints,
-    read_metrics,
-    resolve_checkpoint,
     seed_everything,
+    shard,
 )
 
 HERE = Path(__file__).resolve()

@@ -3,9 +3,10 @@
 SLIM (Soft LoRA and Identity Mixture) and the LoRA / MoE-LoRA baselines on one API.
 """
 
-from .config import (
+from .adapters import (
+    METHODS,
     AdapterConfig,
-    ConfigError,
+    AdapterModel,
     DoraConfig,
     ILoraConfig,
     LoraConfig,
@@ -14,9 +15,10 @@ from .config import (
     MolaConfig,
     SlimConfig,
     config_from_dict,
+    get_adapter_model,
+    selected_logits,
 )
-from .layers.base import TargetModuleError
-from .model import METHODS, AdapterError, AdapterModel, get_adapter_model, selected_logits
+from .errors import AdapterError, ConfigError, DataError, SlimPeftError, TargetModuleError, TrainingError
 
 
 def load_base_model(*args, **kwargs):
@@ -27,8 +29,9 @@ def load_base_model(*args, **kwargs):
 
 
 __all__ = [
-    "METHODS", "AdapterConfig", "AdapterError", "AdapterModel", "ConfigError", "DoraConfig", "ILoraConfig",
-    "LoraConfig", "LoraMoeConfig", "MixLoraConfig", "MolaConfig", "SlimConfig", "TargetModuleError",
-    "config_from_dict", "get_adapter_model", "load_base_model", "selected_logits",
+    "METHODS", "AdapterConfig", "AdapterError", "AdapterModel", "ConfigError", "DataError", "DoraConfig",
+    "ILoraConfig", "LoraConfig", "LoraMoeConfig", "MixLoraConfig", "MolaConfig", "SlimConfig", "SlimPeftError",
+    "TargetModuleError", "TrainingError", "config_from_dict", "get_adapter_model", "load_base_model",
+    "selected_logits",
 ]
 __version__ = "0.1.0"

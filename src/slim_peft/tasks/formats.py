@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from slim_peft.tasks.base import LETTERS, Example
+from slim_peft.tasks.types import LETTERS, Example
 
 DEFAULT_LETTER_INSTRUCTION = "Answer with the option's letter from the given choices."
 

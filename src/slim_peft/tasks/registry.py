@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from slim_peft.tasks.base import Task
+from slim_peft.errors import UnknownTaskError
 from slim_peft.tasks.builtin import builtin_tasks
+from slim_peft.tasks.types import Task
 
 _REGISTRY: dict[str, Task] = {t.name: t for t in builtin_tasks()}
 _BUILTIN = frozenset(_REGISTRY)
@@ -41,7 +42,7 @@ def get_task(name: str) -> Task:
     task = _REGISTRY.get(name)
     if task is None:
         known = ", ".join(n for n in list_tasks(include_subjects=False))
-        raise KeyError(
+        raise UnknownTaskError(
             f"unknown task {name!r}; registered tasks: {known} (and mmlu_<subject> for the "
             f"57 MMLU subjects; add your own with register_jsonl_task)"
         )

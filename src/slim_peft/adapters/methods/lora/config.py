@@ -1,0 +1,14 @@
+"""The LoraConfig dataclass: every coefficient of the method with its default (shared/docs/method.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...config import AdapterConfig
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA (Hu et al. 2021): y = W x + b + s B A dropout(x)."""
+
+    method: str = "lora"

@@ -1,0 +1,307 @@
+"""SLIM: Soft LoRA and Identity Mixture (Han et al. 2024, arXiv 2410.07739), as method.md specifies.
+
+Per mixture site: N_L LoRA experts (a stacked `LoraExpertBank` per adapted linear) and N_I identity experts.
+An identity expert has no parameters and adds nothing: y = (W + sum_{i in LoRA} w_i s B_i' A_i') x + b, the
+weight routed to identity experts is weight taken from the adapters. Identity experts therefore cost no
+FLOPs: they exist only as router outputs (expert ids >= N_L), which the dispatch drops.
+
+Routing (method.md items 1-6): router logits z = R h (fp32); the distance d of h to the sliding clusters
+of the training distribution lowers the LoRA logits, z_i <- z_i - gamma d (weight yielding); top-K, softmax
+over the kept logits. `routing="block"`: one router and cluster state per decoder FFN, on the FFN input,
+shared by its adapted projections; `routing="linear"`: one per adapted linear.
+
+Dynamic merging (item 7): the selected experts' low-rank factors are masked, B rows and A columns each
+dropped with probability q = 1 - sqrt(1 - p) and rescaled by 1 / (1 - p), so B' A' is an unbiased DARE-style
+drop-and-rescale of B A that never forms B A; `merge_form="exact"` applies DARE's elementwise mask to s B A
+(forms every masked B_e A_e per forward, then applies it to its own tokens only: K dense products per token).
+
+Decisions where the paper is silent or garbled (all config fields, see SlimConfig and method.md):
+- distance "calibrated" (default): d = rho / tau - 1, tau a running mean of rho over training tokens;
+  "max": d = rho - 1 (paper-literal). rho = max over channels |h - c_k| / sqrt(v_k + 1e-6), k the nearest
+  centre (Euclidean).
+- clusters are initialised from the first training batch (random distinct valid tokens as centres, the
+  batch's per-channel variance); until then (an untrained adapter), d = 0: no yielding.
+- with gradient checkpointing the recomputed forward updates the clusters a second time (a momentum step
+  on the same batch); masks are the same in the recomputation because checkpointing restores the RNG.
+
+Speed (issue 7): routing, cluster moves and dispatch stay on the device (no `.item()`/`.tolist()` per layer;
+the one host read is the clusters' one-time initialisation). The nearest centre comes from one matmul
+(||c||^2 - 2 h.c), |h - c_k| is computed once and reused for rho and the variance update, the LoRA scaling
+rides on the routing weights and the mixture accumulates into the base output (addmm / index_add), so no
+extra pass over the T x d_out output. In eval without autograd the masked factors are cached.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...config import FFN_PROJ, AdapterConfig
+from ...context import ForwardContext
+from ...modules.clusters import SlidingClusters
+from ...modules.dare import dare_delta, dare_mixture, drop_keep_mask, factor_masks, masked_factors
+from ...modules.dropout import adapter_dropout
+from ...modules.experts import LoraExpertBank, mix_experts
+from ...modules.routing import LinearRouter, switch_balance_loss, top_k_routing
+from ...targeting import find_targets, set_module
+from .config import SlimConfig
+
+
+class SlimRouter(nn.Module):
+    """Router of one mixture site: logits, weight yielding against the sliding clusters, top-K.
+
+    `route(h, mask)` returns (expert ids T x K, weights T x K); ids >= num_lora_experts are identity experts.
+    It also accumulates routing statistics (weight per expert over valid tokens) on the device.
+    """
+
+    def __init__(self, in_features: int, cfg: SlimConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_lora = cfg.num_lora_experts
+        num_experts = cfg.num_lora_experts + cfg.num_identity_experts
+        self.router = LinearRouter(in_features, num_experts, cfg.router_init_std, device=device)
+        self.clusters = SlidingClusters(cfg.num_clusters, in_features, cfg.cluster_momentum, device=device)
+        self.register_buffer("stat_weight", torch.zeros(num_experts, device=device), persistent=False)
+        self.register_buffer("stat_tokens", torch.zeros((), device=device), persistent=False)
+        is_lora = (torch.arange(num_experts, device=device) < self.num_lora).float()
+        self.register_buffer("yield_sign", is_lora, persistent=False)  # 1 for LoRA experts, 0 for identity
+        self.forced: torch.Tensor | None = None  # E weights given to every token (analysis and tests)
+        self.current: tuple[torch.Tensor, torch.Tensor] | None = None  # last routing (block mode)
+        self.last_logits: torch.Tensor | None = None
+
+    def distance(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """d(h) (method.md item 4), after moving the clusters when training."""
+        clusters = self.clusters
+        if self.training and not clusters.ready():
+            clusters.initialize(h.detach(), w)
+        if not clusters.ready():
+            return h.new_zeros(h.shape[0])
+        with torch.no_grad():
+            k = clusters.nearest(h)
+            dev = clusters.deviation(h, k)
+            rho = clusters.rho_from(dev, k)
+            if self.training:
+                clusters.update(h, w, k, rho, dev)
+        d = rho / clusters.tau - 1 if self.cfg.distance == "calibrated" else rho - 1
+        return d.clamp(min=0) if self.cfg.yield_clamp else d
+
+    def route(self, h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = h.reshape(-1, h.shape[-1]).float()
+        w = mask.float() if mask is not None else h.new_ones(h.shape[0])
+        if self.forced is not None:
+            E = self.forced.numel()
+            idx = torch.arange(E, device=h.device).expand(h.shape[0], E)
+            weights = self.forced.to(h.device).expand(h.shape[0], E)
+            self.last_logits = None
+        else:
+            logits = self.router(h)
+            if self.cfg.yield_strength > 0:
+                d = self.distance(h.detach(), w)
+                # z_i <- z_i - gamma d for LoRA experts (eq. 9, reconstructed); identity logits unchanged
+                logits = logits - (self.cfg.yield_strength * d)[:, None] * self.yield_sign
+            self.last_logits = logits
+            idx, weights = top_k_routing(logits, self.cfg.top_k)
+        with torch.no_grad():
+            per_expert = torch.zeros_like(self.stat_weight).index_add_(
+                0, idx.reshape(-1), (weights * w[:, None]).reshape(-1))
+            self.stat_weight += per_expert
+            self.stat_tokens += w.sum()
+        return idx, weights
+
+    def stats(self) -> dict:
+        tokens = float(self.stat_tokens)
+        load = (self.stat_weight / max(tokens, 1.0)).tolist()
+        return {"tokens": int(tokens), "identity_share": float(sum(load[self.num_lora:])), "expert_load": load}
+
+    def reset_stats(self) -> None:
+        self.stat_weight.zero_()
+        self.stat_tokens.zero_()
+
+
+class SlimLinear(nn.Module):
+    """A frozen linear plus SLIM's mixture of LoRA and identity experts.
+
+    y = W x + b + s sum_{i selected, i < N_L} w_i B_i' A_i' dropout(x), with B_i', A_i' the masked factors of
+    dynamic merging (the identity experts' weight w_i multiplies a zero update and is skipped).
+    """
+
+    def __init__(self, base_layer: nn.Linear, cfg: SlimConfig, ctx: ForwardContext, name: str,
+                 router: SlimRouter | None = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.cfg = cfg
+        self.ctx = ctx
+        self.scaling = cfg.scaling
+        device = base_layer.weight.device
+        self.lora_dropout = adapter_dropout(cfg.lora_dropout)
+        self.experts = LoraExpertBank(cfg.num_lora_experts, base_layer.in_features, base_layer.out_features,
+                                      cfg.r, device=device)
+        if router is None:  # routing="linear": a router of its own, on its own input
+            self.slim_router = SlimRouter(base_layer.in_features, cfg, device=device)
+        self._shared_router = [router]  # a list, so the shared router is not registered twice
+        self.mask_seed = cfg.merge_seed * 1_000_003 + zlib.crc32(name.encode())
+        self._fixed_masks: tuple[torch.Tensor, ...] | None = None
+        self._factor_cache: tuple[tuple, Any] | None = None  # (key, masked factors or dense DARE weights)
+
+    @property
+    def router(self) -> SlimRouter:
+        return self._shared_router[0] or self.slim_router
+
+    def _draw_masks(self, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+        """Fresh masks from `generator`, or from the device's global RNG (training: restored on resume)."""
+        cfg, A = self.cfg, self.experts.lora_A
+        E, _, d_in = A.shape
+        d_out = self.experts.lora_B.shape[1]
+        if cfg.merge_form == "exact":
+            return (drop_keep_mask((E, d_out, d_in), cfg.mask_ratio, generator, A.device),)
+        return factor_masks(E, d_in, d_out, cfg.mask_ratio, cfg.rescale, generator, A.device)
+
+    def masks(self) -> tuple[torch.Tensor, ...] | None:
+        """Dynamic-merging masks for this forward: new in training, per `eval_mask` in eval (item 7)."""
+        cfg = self.cfg
+        if cfg.mask_ratio == 0 or (not self.training and cfg.eval_mask == "none"):
+            return None
+        if self.training or cfg.eval_mask == "resample":
+            return self._draw_masks(None)
+        if self._fixed_masks is None or self._fixed_masks[0].device != self.experts.lora_A.device:
+            self._fixed_masks = self._draw_masks(torch.Generator().manual_seed(self.mask_seed))
+        return self._fixed_masks
+
+    def factors(self, masks: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A', B'): the bank's factors with the fast masks applied. Cached in eval (`_eval_cached`) with B'
+        stored expert-rank-major, so that the dense path's (E r) x d_out view of it needs no copy per call (per
+        decoded token)."""
+        A, B = self.experts.lora_A, self.experts.lora_B
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            return (A, B) if masks is None else masked_factors(A, B, *masks)
+
+        def for_cache() -> tuple[torch.Tensor, torch.Tensor]:
+            Am, Bm = build()
+            return Am.contiguous(), Bm.transpose(1, 2).contiguous().transpose(1, 2)  # same values, (E, r, d_out)
+
+        return self._eval_cached(masks, build, for_cache)
+
+    @property
+    def dare_scale(self) -> float:
+        """The exact form's rescale 1 / (1 - p) (1 without `rescale`)."""
+        return 1.0 / (1.0 - self.cfg.mask_ratio) if self.cfg.rescale else 1.0
+
+    def dare_delta(self, keep: torch.Tensor) -> torch.Tensor:
+        """The exact form's masked updates (`dare_delta`), cached in eval like `factors`: forming E dense
+        d_out x d_in products per forward would dominate evaluation."""
+        def build() -> torch.Tensor:
+            return dare_delta(self.experts.lora_A, self.experts.lora_B, keep, self.dare_scale)
+
+        return self._eval_cached((keep,), build, build)
+
+    def _eval_cached(self, masks: tuple[torch.Tensor, ...] | None, build: Callable[[], Any],
+                     for_cache: Callable[[], Any]) -> Any:
+        """`build()` in training, with autograd or with resampled eval masks; otherwise (generation,
+        evaluation) `for_cache()`, kept while the factors' versions and the fixed masks are unchanged."""
+        if self.training or torch.is_grad_enabled() or (masks is not None and self.cfg.eval_mask != "fixed"):
+            return build()
+        A, B = self.experts.lora_A, self.experts.lora_B
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), None if masks is None else id(masks[0]))
+        if self._factor_cache is None or self._factor_cache[0] != key:
+            self._factor_cache = (key, for_cache())
+        return self._factor_cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        xt = x.reshape(-1, x.shape[-1])
+        router = self.router
+        if self._shared_router[0] is None:
+            router.current = router.route(xt.detach(), self.ctx.flat_mask(xt.shape[0]))
+        idx, weights = router.current
+        A = self.experts.lora_A
+        x_drop = self.lora_dropout(xt.to(A.dtype))
+        weights = weights * self.scaling  # s rides on the T x K weights, not on the T x d_out output
+        out = result.reshape(-1, result.shape[-1])
+        masks = self.masks()
+        if masks is not None and len(masks) == 1:  # exact DARE form: a boolean keep mask
+            delta = None if torch.is_grad_enabled() else self.dare_delta(masks[0])
+            y = out + dare_mixture(x_drop, A, self.experts.lora_B, masks[0], self.dare_scale, idx, weights,
+                                   delta).to(out.dtype)
+        else:
+            y = mix_experts(x_drop, *self.factors(masks), idx, weights, self.cfg.dispatch, out=out)
+        return y.view(result.shape)
+
+
+def _route_block(router: SlimRouter, ctx: ForwardContext):
+    def hook(module: nn.Module, args: tuple) -> None:
+        h = args[0]
+        router.current = router.route(h.detach(), ctx.flat_mask(h.reshape(-1, h.shape[-1]).shape[0]))
+    return hook
+
+
+def inject_slim(model: nn.Module, cfg: AdapterConfig, ctx: ForwardContext) -> None:
+    """Replace each target linear with a SlimLinear; with routing="block", FFN projections of one decoder
+    layer share one router registered on their parent module as `slim_router` (a forward pre-hook routes
+    the FFN input before the projections run)."""
+    assert isinstance(cfg, SlimConfig)
+    hidden = model.config.hidden_size
+    for name in find_targets(model, cfg.target_modules):
+        base = model.get_submodule(name)
+        parent_name, _, short = name.rpartition(".")
+        router = None
+        if cfg.routing == "block" and short in FFN_PROJ:
+            parent = model.get_submodule(parent_name)
+            if not hasattr(parent, "slim_router"):
+                parent.slim_router = SlimRouter(hidden, cfg, device=base.weight.device)
+                parent.register_forward_pre_hook(_route_block(parent.slim_router, ctx))
+            router = parent.slim_router
+        set_module(model, name, SlimLinear(base, cfg, ctx, name, router))
+
+
+def routers(model: nn.Module) -> dict[str, SlimRouter]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SlimRouter)}
+
+
+def expert_banks(model: nn.Module) -> list[LoraExpertBank]:
+    """The model's LoRA expert banks, listed once (aux losses run every forward, also while decoding)."""
+    banks = model.__dict__.get("_slim_banks")
+    if banks is None:
+        banks = [m for m in model.modules() if isinstance(m, LoraExpertBank)]
+        model.__dict__["_slim_banks"] = banks
+    return banks
+
+
+def l1_penalty(banks: list[LoraExpertBank]) -> torch.Tensor:
+    """sum over banks and experts of mean|A_e| + mean|B_e| (one fused reduction per factor)."""
+    total = []
+    for b in banks:
+        for W in (b.lora_A, b.lora_B):
+            total.append(torch.linalg.vector_norm(W, ord=1, dim=(1, 2)).sum() / (W.shape[1] * W.shape[2]))
+    return torch.stack(total).sum()
+
+
+def slim_aux_losses(model: nn.Module, cfg: AdapterConfig, ctx: ForwardContext
+                    ) -> dict[str, tuple[torch.Tensor, float]]:
+    """L1 (item 8): sum over sites, projections and LoRA experts of mean|B| + mean|A|; optional balancing.
+    Without autograd (evaluation, generation) the L1 value is reused while the weights are unchanged."""
+    assert isinstance(cfg, SlimConfig)
+    banks = expert_banks(model)
+    if torch.is_grad_enabled():
+        l1 = l1_penalty(banks)
+    else:
+        key = tuple((W.data_ptr(), W._version) for b in banks for W in (b.lora_A, b.lora_B))
+        cache = model.__dict__.get("_slim_l1_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, l1_penalty(banks))
+            model.__dict__["_slim_l1_cache"] = cache
+        l1 = cache[1]
+    out = {"l1": (l1, cfg.l1_weight)}
+    if cfg.balance_loss_weight > 0:
+        losses = []
+        for r in routers(model).values():
+            if r.last_logits is not None and r.current is not None:
+                mask = ctx.flat_mask(r.last_logits.shape[0])
+                losses.append(switch_balance_loss(r.last_logits, r.current[0], r.last_logits.shape[1], mask))
+        if losses:
+            out["balance"] = (torch.stack(losses).mean(), cfg.balance_loss_weight)
+    return out

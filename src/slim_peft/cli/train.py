@@ -1,0 +1,66 @@
+"""``slim-peft train --config cfg.yaml [--key value ...]``: train any method from a YAML of training
+arguments (HF Trainer spelling), data keys and the method's keys."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from slim_peft.data import build_task_examples
+from slim_peft.evaluation import evaluate
+from slim_peft.experiments.setup import attach_adapter, load_base, pad_id, register_tasks
+from slim_peft.training import Trainer, seed_everything
+from slim_peft.training.job import load_yaml_config, parse_overrides, split_config, write_effective_config
+
+
+def is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(*args: Any) -> None:
+    if is_main():
+        print(*args, flush=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML file of key: value")
+
+
+def command(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """``slim-peft train``: YAML + overrides -> train -> adapter in output_dir/adapter."""
+    flat = load_yaml_config(args.config) if args.config else {}
+    flat.update(parse_overrides(overrides))
+    targs, data, adapter_cfg = split_config(flat)
+    tasks = register_tasks(data.tasks)
+    eval_tasks = register_tasks(data.eval_tasks)
+
+    say(f"loading {data.model_name_or_path} ...")
+    base, tokenizer = load_base(data.model_name_or_path)
+    examples, counts = build_task_examples(tokenizer, tasks, split=data.train_split, limit=data.max_train_samples,
+                                           max_seq_length=targs.max_seq_length)
+    say(f"training data: {len(examples)} examples ({counts})")
+    seed_everything(targs.seed)
+    model = attach_adapter(base, adapter_cfg, data.model_name_or_path)
+    if is_main():
+        model.print_trainable_parameters()
+
+    eval_fn = None
+    if eval_tasks:
+        def eval_fn(m: Any) -> dict[str, float]:
+            res = evaluate(m, tokenizer, eval_tasks, protocol=data.eval_protocol, split="test", limit=data.eval_limit,
+                           seed=targs.seed)
+            return {name: float(r["score"]) for name, r in res["tasks"].items()}
+
+    run_config = {"model": data.model_name_or_path, "tasks": tasks, "train_split": data.train_split,
+                  "max_train_samples": data.max_train_samples}
+    trainer = Trainer(model, targs, examples, pad_token_id=pad_id(tokenizer), eval_fn=eval_fn, run_config=run_config)
+    out = trainer.train()
+    if is_main():
+        write_effective_config(Path(out.run_dir) / "config.yaml", targs, data, adapter_cfg)
+        say(f"done: {out.global_step} steps, final loss {out.final_loss:.4f}; adapter in {out.adapter_dir}")
+        if out.metrics:
+            say("final evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in out.metrics.items()))
+    return 0

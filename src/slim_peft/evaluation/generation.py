@@ -1,0 +1,64 @@
+"""Batched greedy generation with the KV cache (transformers' generate), cut at a stop string."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from slim_peft.tasks import encode_text
+
+from .scorer import _model_device
+
+
+def generate_greedy(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    stop: str = "\n",
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches sorted by length), cut at ``stop``."""
+    encoded = [encode_text(tokenizer, p) for p in prompts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = _model_device(model)
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    out = [""] * len(prompts)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[r, width - len(encoded[i]) :] = 1
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                stop_strings=[stop],
+                tokenizer=tokenizer,
+            )
+            for r, i in enumerate(idx):
+                text = tokenizer.decode(gen[r, width:], skip_special_tokens=True)
+                out[i] = text.split(stop)[0]
+    return out
+
+
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str:
+    """The answer in a generated line: its last number (lm-eval's "flexible-extract"), else the stripped
+    text. ``" 5 + 91 = 96"`` -> ``"96"``."""
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else text.strip()
+
+

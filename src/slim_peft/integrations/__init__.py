@@ -1,0 +1,1 @@
+"""Bridges to other tools' formats: MoE-PEFT / mixlora adapter directories (`moe_peft.py`)."""
