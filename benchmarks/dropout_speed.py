@@ -1,11 +1,12 @@
-"""What the adapters' CPU dropout (`slim_peft.layers.base.LoraDropout`, 16-bit random words) saves against
-torch's own `nn.Dropout` (one `bernoulli_` draw per element), per method of the forgetting study.
+"""What the adapters' CPU dropout (`LoraDropout`, from `slim_peft.adapters.adapter_dropout`: 16-bit random
+words) saves against torch's own `nn.Dropout` (one `bernoulli_` draw per element), per method of the forgetting
+study.
 
-For each method of `benchmarks/forgetting.py`'s main table, with the study's adapter config, on the embedded
-SmolLM2-135M-Instruct (fp32, 1 thread): one training micro-step (forward + backward, no optimizer) on the
-study's micro-batch shape (2 rows of 290 tokens, one padded to 200, loss on one answer token per row), with
-the two dropouts alternating step by step in one process, so load from other processes hits both alike.
-CPU seconds per micro-step, min over the repeats; ratio = nn.Dropout / LoraDropout.
+For each method of the forgetting study's main table (`benchmarks/studies/forgetting.yaml`), with its adapter
+config, on the embedded SmolLM2-135M-Instruct (fp32, 1 thread): one training micro-step (forward + backward, no
+optimizer) on the study's micro-batch shape (2 rows of 290 tokens, one padded to 200, loss on one answer token
+per row), with the two dropouts alternating step by step in one process, so load from other processes hits both
+alike. CPU seconds per micro-step, min over the repeats; ratio = nn.Dropout / LoraDropout.
 
     python benchmarks/dropout_speed.py            # writes benchmarks/results/dropout_speed.{md,json}
 """
@@ -22,12 +23,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import slim_peft as sp
-from slim_peft.layers.base import LoraDropout
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from forgetting import MAIN_METHODS, METHODS  # noqa: E402
+if str(REPO / "src") not in sys.path:
+    sys.path.insert(0, str(REPO / "src"))
+
+from slim_peft.adapters import adapter_dropout, config_from_dict, get_adapter_model  # noqa: E402
+from slim_peft.assets import load_base_model  # noqa: E402
+from slim_peft.experiments.study import load_plan  # noqa: E402
+
+PLAN = load_plan(REPO / "benchmarks" / "studies" / "forgetting.yaml")
+LoraDropout = type(adapter_dropout(0.1))  # the adapters' dropout class, whichever module defines it
 
 
 def micro_batch(rows: int = 2, seq: int = 290) -> dict[str, torch.Tensor]:
@@ -41,8 +46,8 @@ def micro_batch(rows: int = 2, seq: int = 290) -> dict[str, torch.Tensor]:
 
 
 def time_method(name: str, repeats: int) -> dict[str, float]:
-    base, _ = sp.load_base_model("smollm2-135m")
-    model = sp.get_adapter_model(base, sp.config_from_dict(dict(METHODS[name].config))).train()
+    base, _ = load_base_model("smollm2-135m")
+    model = get_adapter_model(base, config_from_dict(dict(PLAN.methods[name].config))).train()
     batch = micro_batch()
     fast = LoraDropout.forward
     times: dict[str, list[float]] = {"nn.Dropout": [], "LoraDropout": []}
@@ -62,7 +67,7 @@ def time_method(name: str, repeats: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default=",".join(MAIN_METHODS))
+    p.add_argument("--methods", default=",".join(PLAN.main_methods))
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dropout_speed")
     args = p.parse_args(argv)

@@ -67,7 +67,7 @@ def run_ours(model, tok, tasks: list[str], limit: int, batch_size: int) -> tuple
             limit=limit,
             batch_size=batch_size,
             log_samples=True,
-        )
+        ).to_dict()  # the JSON form: this script compares it key by key with lm-eval's output
     )
 
 

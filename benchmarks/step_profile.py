@@ -1,11 +1,11 @@
 """Where a training step of the forgetting study spends its CPU time, and how fast the same kernels run alone.
 
-For each `method:setting` of `benchmarks/forgetting.py` (its adapter config, data, micro-batch 2 x 8
-accumulation, 1 thread, fp32, embedded SmolLM2-135M-Instruct): `--steps` optimizer steps of the real Trainer
-under torch.profiler, with the self CPU time per op kind (matmul, elementwise, attention, random, other), the
-top ops by (name, input shapes), the minor page faults and the kernel (system) time of the step. Then the
-heaviest matmul and elementwise shapes are timed alone in the same process (fp32, and bf16 for the matmul):
-ratio = in-step time per call / isolated time per call. This is the evidence for where the study's
+For each `method:setting` of the forgetting study (`benchmarks/studies/forgetting.yaml`: its adapter config,
+data, micro-batch 2 x 8 accumulation, 1 thread, fp32, embedded SmolLM2-135M-Instruct): `--steps` optimizer steps
+of the real Trainer under torch.profiler, with the self CPU time per op kind (matmul, elementwise, attention,
+random, other), the top ops by (name, input shapes), the minor page faults and the kernel (system) time of the
+step. Then the heaviest matmul and elementwise shapes are timed alone in the same process (fp32, and bf16 for
+the matmul): ratio = in-step time per call / isolated time per call. This is the evidence for where the study's
 per-step cost (issue 6, item 5) can still come down.
 
     python benchmarks/step_profile.py                       # writes benchmarks/results/step_profile.md
@@ -35,9 +35,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import forgetting as fg  # noqa: E402
+if str(REPO / "src") not in sys.path:
+    sys.path.insert(0, str(REPO / "src"))
 
+from slim_peft.experiments.runner import Study  # noqa: E402
+from slim_peft.experiments.study import Run, load_plan  # noqa: E402
+
+PLAN = load_plan(REPO / "benchmarks" / "studies" / "forgetting.yaml")
+RUNS_DIR = REPO / "benchmarks" / "results" / "forgetting"
 OUT = REPO / "benchmarks" / "results" / "step_profile.md"
 KINDS = {"matmul": ("mm", "addmm", "bmm", "addmm_", "_grouped_mm", "linear", "matmul"),
          "attention": ("_scaled_dot_product_flash_attention_for_cpu",
@@ -65,14 +70,10 @@ def kind_shares(rows: list[tuple[str, float]]) -> dict[str, float]:
 
 def profile_run(method: str, setting: str, steps: int) -> dict:
     """Train `steps` steps of one study run under the profiler; the aten rows, wall/CPU time and faults."""
-    from slim_peft import config_from_dict, get_adapter_model
-    from slim_peft.train import Trainer, seed_everything
+    from slim_peft.training import Trainer
 
-    study = fg.Study(fg.PROTOCOLS["study"], fg.RUNS_DIR, Path(tempfile.gettempdir()), threads=1)
-    base, tok = study._load()
-    examples, _ = study.train_data(tok)
-    seed_everything(0)
-    model = get_adapter_model(base, config_from_dict(fg.run_config(fg.Run(method, setting, 0))))
+    study = Study(PLAN, PLAN.protocols["study"], RUNS_DIR, Path(tempfile.gettempdir()), threads=1)
+    _, tok, model, examples, _ = study.adapter_model(Run(method, setting, 0), 0)
     with tempfile.TemporaryDirectory() as tmp:
         args = study.training_arguments(tmp, method, steps, seed=0, save_steps=0, disable_tqdm=True)
         trainer = Trainer(model, args, examples, pad_token_id=tok.pad_token_id)
@@ -164,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--preload {args.preload}: no such file")
     for spec in args.runs:
         method, _, setting = spec.partition(":")
-        if method not in fg.METHODS or (setting or "mds") not in fg.SETTINGS:
-            ap.error(f"unknown run {spec!r}: methods {sorted(fg.METHODS)}, settings {sorted(fg.SETTINGS)}")
+        if method not in PLAN.methods or (setting or "mds") not in PLAN.settings:
+            ap.error(f"unknown run {spec!r}: methods {sorted(PLAN.methods)}, settings {sorted(PLAN.settings)}")
     if args.json is not None:  # a child: profile, write JSON
         torch.set_num_threads(1)
         method, _, setting = args.runs[0].partition(":")

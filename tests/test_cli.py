@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import SAVED_LLAMA, greedy, make_tiny_tokenizer, tiny_llama
 
+import slim_peft as sp
 from slim_peft.cli.main import main
 from slim_peft.errors import ConfigError
 from slim_peft.training.checkpoint import list_checkpoints
@@ -28,13 +31,11 @@ WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 32) with a byte-level BPE tokenizer and a ChatML template, saved to disk."""
-    from test_train import make_tiny_tokenizer, tiny_llama
-
     path = tmp_path_factory.mktemp("tiny-model")
     texts = [f"Question: which {a} is {b}? A. {a} B. {b} C. {c} Answer: B" for a, b, c in
              zip(WORDS, WORDS[3:] + WORDS[:3], WORDS[6:] + WORDS[:6], strict=True)] * 3
     tok = make_tiny_tokenizer(texts)
-    model = tiny_llama(vocab_size=len(tok))
+    model = tiny_llama(vocab_size=len(tok), **SAVED_LLAMA)
     model.config.pad_token_id = tok.pad_token_id
     model.config.eos_token_id = tok.eos_token_id
     model.config.bos_token_id = tok.bos_token_id
@@ -115,10 +116,15 @@ def test_train_from_yaml_with_overrides(tmp_path, tiny_model_dir, task_file, cap
     final = json.loads((out / "final_state.json").read_text())
     assert final["global_step"] == 3  # the override won over the YAML's 50
     assert (out / "adapter" / "adapter_model.safetensors").exists()
-    assert (out / "adapter" / "routing_stats_train.json").exists()
+    routing = json.loads((out / "adapter" / "routing_stats_train.json").read_text())
+    assert 0.0 <= routing["mean_identity_share"] <= 1.0
+    assert routing["sites"] and all(site["tokens"] > 0 for site in routing["sites"].values())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval/toy" in r for r in records)  # the periodic/final evaluation hook
-    assert any("aux/l1" in r for r in records)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    accuracies = [r["eval/toy"] for r in records if "eval/toy" in r]  # the periodic/final evaluation hook
+    assert accuracies and all(0.0 <= a <= 1.0 and (8 * a) == round(8 * a) for a in accuracies)  # k of 8
+    l1 = [r["aux/l1"] for r in records if "aux/l1" in r]
+    assert len(l1) == 3 and all(v >= 0.0 for v in l1)
     written = (out / "config.yaml").read_text()
     assert "max_steps: 3" in written and "method: slim" in written
     from slim_peft.training.job import load_yaml_config
@@ -126,12 +132,34 @@ def test_train_from_yaml_with_overrides(tmp_path, tiny_model_dir, task_file, cap
     again, data, adapter = split_config(load_yaml_config(out / "config.yaml"))  # it reads back
     assert again.max_steps == 3 and data.tasks == [str(task_file)] and adapter.num_lora_experts == 2
     # inspect and generate on the result
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    elements = sum(t.numel() for t in weights.values())
     code, stdout, err = run_cli(["inspect", str(out)], capsys)
     assert code == 0, err
     assert "method: slim" in stdout and "adapter_model.safetensors" in stdout and "identity" in stdout
+    assert f"{elements:,}" in stdout
+    code, stdout, err = run_cli(["inspect", "--json", str(out)], capsys)
+    assert code == 0, err
+    info = json.loads(stdout)
+    assert info["tensor_elements"] == elements
+    assert info["files"]["adapter_model.safetensors"] == (out / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert info["config"]["r"] == 4 and info["config"]["num_lora_experts"] == 2
+    assert info["routing"]["training data (during training)"]["mean_identity_share"] == pytest.approx(
+        routing["mean_identity_share"])
     code, stdout, err = run_cli(["generate", "--adapter", str(out / "adapter"), "--max-new-tokens", "4",
                                  "which one is red?"], capsys)
     assert code == 0, err
+    # the same greedy continuation as the adapter model's own argmax, token by token
+    base, tok = sp.load_base_model(str(tiny_model_dir))
+    model = sp.AdapterModel.from_pretrained(base, out / "adapter").eval()
+    text = tok.apply_chat_template([{"role": "user", "content": "which one is red?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    new = greedy(model, ids, 4)[0, ids.shape[1]:].tolist()
+    new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new  # generation stops at eos
+    assert stdout.strip() == tok.decode(new, skip_special_tokens=True).strip()
 
 
 def test_console_script_runs_train(tmp_path, tiny_model_dir, task_file):
@@ -141,6 +169,13 @@ def test_console_script_runs_train(tmp_path, tiny_model_dir, task_file):
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "done: 4 steps" in res.stdout
+    out = tmp_path / "out"
+    assert json.loads((out / "final_state.json").read_text())["global_step"] == 4
+    losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if "loss" in r] == [1, 2, 3, 4]  # --logging_steps 1
+    # --save_steps 2: a checkpoint at step 2; the last step writes the adapter instead
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
 # -------------------------------------------------------------------------------------- bad inputs
@@ -236,8 +271,21 @@ def test_inspect_and_bench_errors(tmp_path, capsys, monkeypatch):
 # ------------------------------------------------------------------------------- the main job, for real
 
 
+def table_rows(text: str) -> dict[tuple[str, str], list[str]]:
+    """The learn/forget table's rows in `text`, keyed by (task, kind): the cells after those two (metric, n,
+    before, after, delta, its stderr)."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.lstrip().startswith("|") and len(cells) == 8 and cells[1] in ("learn", "keep"):
+            rows[(cells[0], cells[1])] = cells[2:]
+    return rows
+
+
 @pytest.mark.slow
 def test_run_on_the_embedded_model_writes_every_report_file(tmp_path):
+    """Every report file is written, and the numbers in the summary (and the printed table) are those of
+    results.json, which are those of the per-question outcomes before and after training and of the log."""
     from slim_peft.reporting import REPORT_FILES
 
     out = tmp_path / "run"
@@ -249,11 +297,36 @@ def test_run_on_the_embedded_model_writes_every_report_file(tmp_path):
     for name in REPORT_FILES:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert "| openbookqa | learn |" in res.stdout and "| arc_easy | keep |" in res.stdout
     results = json.loads((out / "results.json").read_text())
-    assert results["training"]["steps"] == 5
-    assert {r["task"] for r in results["learn_forget"]["downstream"]} == {"openbookqa", "social_iqa", "boolq"}
-    assert results["routing"]["general"]["mean_identity_share"] is not None
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[-1]["step"] == 5
-    assert (out / "summary.md").read_text().startswith("# slim-peft run: slim on smollm2-135m")
+    summary = (out / "summary.md").read_text()
+    # training: 5 steps (logged as one window of 5), its final loss in the summary
+    assert results["training"]["steps"] == 5 and metrics[-1]["step"] == 5
+    assert f"final loss {results['training']['final_loss']:.3f}" in summary
+    # results.json: each row from the outcomes of the same questions before and after
+    lf = results["learn_forget"]
+    assert {r["task"] for r in lf["downstream"]} == {"openbookqa", "social_iqa", "boolq"}
+    rows = table_rows(summary)
+    assert len(rows) == len(lf["downstream"]) + len(lf["general"]) + 2  # + the two mean rows
+    assert table_rows(res.stdout) == rows  # the printed table is the summary's
+    for kind, part in (("learn", "downstream"), ("keep", "general")):
+        for r in lf[part]:
+            b = results["before"][part]["tasks"][r["task"]]["outcomes"]
+            a = results["after"][part]["tasks"][r["task"]]["outcomes"]
+            assert r["n"] == len(b) == len(a) and 0 < r["n"]
+            assert r["base"] == pytest.approx(sum(b) / len(b)) and r["adapted"] == pytest.approx(sum(a) / len(a))
+            assert r["delta"] == pytest.approx(r["adapted"] - r["base"])
+            d = [y - x for x, y in zip(b, a, strict=True)]
+            mean = sum(d) / len(d)
+            se = (sum((v - mean) ** 2 for v in d) / (len(d) - 1)) ** 0.5 / len(d) ** 0.5  # paired stderr
+            assert r["delta_stderr"] == pytest.approx(se, abs=1e-12)
+            # summary.md: metric, n, before, after, delta, stderr of this row
+            assert rows[(r["task"], kind)] == [r["metric"], str(r["n"]), f"{r['base']:.3f}", f"{r['adapted']:.3f}",
+                                               f"{r['delta']:+.3f}", f"{r['delta_stderr']:.3f}"]
+    learned = sum(r["delta"] for r in lf["downstream"]) / len(lf["downstream"])
+    general = sum(r["delta"] for r in lf["general"]) / len(lf["general"])
+    assert lf["mean_downstream_delta"] == pytest.approx(learned) and lf["mean_delta"] == pytest.approx(general)
+    assert rows[("**mean downstream**", "learn")][4] == f"**{learned:+.3f}**"
+    assert rows[("**mean general**", "keep")][4] == f"**{general:+.3f}**"
+    share = results["routing"]["general"]["mean_identity_share"]
+    assert 0.0 <= share <= 1.0 and f"{share:.3f}" in summary

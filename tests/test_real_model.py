@@ -52,7 +52,8 @@ def test_slim_training_on_the_embedded_model_lowers_the_loss():
         opt.zero_grad()
         losses.append(out.loss.item())
     first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
-    assert last < 0.5 * first, losses
+    # measured: the first 6 steps average 1.71, the last 6 average 0.016; at least half of that drop
+    assert last < first - 0.85, losses
     stats = model.routing_stats()
     assert len(stats["sites"]) == base.config.num_hidden_layers
     assert all(site["tokens"] > 0 for site in stats["sites"].values())

@@ -43,7 +43,7 @@ class AdapterConfig:
 
     @property
     def scaling(self) -> float:
-        """s = lora_alpha / r (method.md notation)."""
+        """s = lora_alpha / r (LoRA's scaling)."""
         return self.lora_alpha / self.r
 
     def __post_init__(self) -> None:

@@ -187,7 +187,8 @@ class AdapterModel(nn.Module):
             "slim_peft": {"config": cfg.to_dict(), "base_model": base_fingerprint(self.base_model)},
         }
         if self.method.peft_type == "LORA":  # LoRA and DoRA: the fields stock PEFT reads
-            d.update(use_dora=cfg.method == "dora", bias="none", fan_in_fan_out=False,
+            use_dora = any(getattr(m, "use_dora", False) for m in self.base_model.modules())
+            d.update(use_dora=use_dora, bias="none", fan_in_fan_out=False,
                      init_lora_weights=True, inference_mode=True, use_rslora=False, modules_to_save=None)
         return d
 

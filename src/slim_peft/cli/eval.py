@@ -13,7 +13,7 @@ import torch
 
 from slim_peft.adapters import AdapterModel
 from slim_peft.assets import EMBEDDED_MODEL, load_base_model
-from slim_peft.evaluation import PROTOCOLS, evaluate, forgetting_report
+from slim_peft.evaluation import PROTOCOLS, EvalResult, evaluate, forgetting_report
 from slim_peft.reporting import results_table, write_forgetting_report
 
 
@@ -110,14 +110,14 @@ def command(args: argparse.Namespace) -> int:
         print(f"slim-peft eval: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     print(results_table(results))
-    print(f"total {results['seconds']:.1f} s")
+    print(f"total {results.seconds:.1f} s")
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2))
+        out.write_text(json.dumps(results.to_dict(), indent=2))
         print(f"wrote {out}")
     if args.forgetting_base:
-        base = json.loads(Path(args.forgetting_base).read_text())
+        base = EvalResult.from_dict(json.loads(Path(args.forgetting_base).read_text()))
         prefix = Path(args.output).with_suffix("") if args.output else Path("forgetting")
         paths = write_forgetting_report(forgetting_report(base, results), f"{prefix}_forgetting")
         print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -52,7 +52,7 @@ def command(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         def eval_fn(m: Any) -> dict[str, float]:
             res = evaluate(m, tokenizer, eval_tasks, protocol=data.eval_protocol, split="test", limit=data.eval_limit,
                            seed=targs.seed)
-            return {name: float(r["score"]) for name, r in res["tasks"].items()}
+            return {name: float(r.score) for name, r in res.tasks.items()}
 
     run_config = {"model": data.model_name_or_path, "tasks": tasks, "train_split": data.train_split,
                   "max_train_samples": data.max_train_samples}

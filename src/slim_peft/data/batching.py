@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from slim_peft.errors import DataError
+from slim_peft.errors import ConfigError, DataError
 
 from .encode import IGNORE_INDEX, TokenizedExample
 
@@ -64,7 +64,7 @@ class SeededBatchOrder:
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool = False):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if len(lengths) < batch_size:
             raise DataError(f"the training data has {len(lengths)} examples, fewer than one batch of "
                             f"{batch_size} (per-device batch x processes); add data or lower the batch size")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from slim_peft.adapters import AdapterModel
+from slim_peft.errors import ConfigError
 from slim_peft.tasks import (
     Example,
     Task,
@@ -40,6 +41,7 @@ from slim_peft.tasks import (
 
 from .generation import extract_answer, generate_greedy
 from .metrics import _argmax, _summary, ids_digest
+from .results import EvalResult, TaskResult
 from .scorer import score_requests
 from .tokenize import encode_pair
 
@@ -97,7 +99,7 @@ def _run_generate(
     model: Any, tokenizer: Any, task: Task, examples: list[Example], batch_size: int, pack: bool
 ) -> tuple[dict[str, list[float]], list[dict]]:
     if not task.supports_generation:
-        raise ValueError(
+        raise ConfigError(
             f"task {task.name!r} has no generation form; protocol 'generate' supports "
             f"tasks with supports_generation (basic_arithmetic)"
         )
@@ -156,76 +158,61 @@ def evaluate(
     model_name: str | None = None,
     adapter: str | None = None,
     progress: bool = False,
-) -> dict:
+) -> EvalResult:
     """Evaluate ``model`` on registered tasks (names, or paths of JSONL task files).
 
-    Returns a JSON-able dict: run metadata (model, adapter, protocol, split, limit, seed, versions) and, per
-    task, its metrics with stderr, the primary ``metric`` and ``score``, ``n``, the split definition,
-    chance level, role and seconds.
+    Returns an `EvalResult` (its `to_dict()` is the JSON): run metadata (model, adapter, protocol, split,
+    limit, seed, versions) and, per task, a `TaskResult`: metrics with stderr, the primary ``metric`` and
+    ``score``, ``n``, the split definition, chance level, role, seconds and per-question outcomes.
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+        raise ConfigError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     resolved = [_resolve_task(n) for n in names if n]
     torch.manual_seed(seed)
     was_training = getattr(model, "training", False)
     model.eval()
-    meta = {
-        "model": model_name or _model_name(model),
-        "adapter": adapter if adapter is not None else _adapter_name(model),
-        "protocol": protocol,
-        "split": split,
-        "limit": limit,
-        "seed": seed,
-        "batch_size": batch_size,
-        "versions": _versions(),
-    }
-    results: dict[str, Any] = {**meta, "tasks": {}}
+    results = EvalResult(model=model_name or _model_name(model),
+                         adapter=adapter if adapter is not None else _adapter_name(model), protocol=protocol,
+                         split=split, limit=limit, seed=seed, batch_size=batch_size, versions=_versions())
     t_all = time.perf_counter()
     try:
         for task in resolved:
-            t0 = time.perf_counter()
-            examples = task.examples(split, limit, test_fraction=test_fraction)
-            if not examples:
-                raise ValueError(f"task {task.name!r} has no examples in split {split!r}")
-            values, samples = _RUNNERS[protocol](model, tokenizer, task, examples, batch_size, pack)
-            metrics = _summary(values)
-            primary = _primary_metric(task, protocol)
-            entry = {
-                "task": task.name,
-                "protocol": protocol,
-                "metric": primary,
-                "score": metrics[primary],
-                "stderr": metrics[f"{primary}_stderr"],
-                "metrics": metrics,
-                "n": len(examples),
-                "split": task.split_info(split, limit, test_fraction),
-                "seed": seed,
-                "model": meta["model"],
-                "adapter": meta["adapter"],
-                "chance": 0.0 if protocol == "generate" else task.chance,
-                "role": task.role,
-                "sample_type": task.sample_type,
-                "seconds": round(time.perf_counter() - t0, 3),
-                "outcomes": values[primary],  # per question, in order: what paired statistics need
-                "ids_digest": ids_digest([ex.id for ex in examples]),
-            }
-            if log_samples:
-                entry["samples"] = samples
-            results["tasks"][task.name] = entry
+            entry = _evaluate_task(model, tokenizer, task, protocol, split, limit, batch_size, pack, test_fraction,
+                                   results)
+            if not log_samples:
+                entry.samples = None
+            results.tasks[task.name] = entry
             if progress:
-                print(
-                    f"{task.name}: {primary} {metrics[primary]:.4f} (n={len(examples)}, "
-                    f"{entry['seconds']:.1f} s)",
-                    file=sys.stderr,
-                )
+                print(f"{task.name}: {entry.metric} {entry.score:.4f} (n={entry.n}, {entry.seconds:.1f} s)",
+                      file=sys.stderr)
     finally:
         if was_training:
             model.train()
-    results["seconds"] = round(time.perf_counter() - t_all, 3)
+    results.seconds = round(time.perf_counter() - t_all, 3)
     return results
+
+
+def _evaluate_task(model: Any, tokenizer: Any, task: Task, protocol: str, split: str, limit: int | None,
+                   batch_size: int, pack: bool, test_fraction: float | None, run: EvalResult) -> TaskResult:
+    """One task's result: metrics with stderr, primary score, per-question outcomes and samples."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    examples = task.examples(split, limit, test_fraction=test_fraction)
+    if not examples:
+        raise ConfigError(f"task {task.name!r} has no examples in split {split!r}")
+    values, samples = _RUNNERS[protocol](model, tokenizer, task, examples, batch_size, pack)
+    metrics = _summary(values)
+    primary = _primary_metric(task, protocol)
+    return TaskResult(
+        task=task.name, protocol=protocol, metric=primary, score=metrics[primary],
+        stderr=metrics[f"{primary}_stderr"], metrics=metrics, n=len(examples),
+        split=task.split_info(split, limit, test_fraction), seed=run.seed, model=run.model, adapter=run.adapter,
+        chance=0.0 if protocol == "generate" else task.chance, role=task.role, sample_type=task.sample_type,
+        seconds=round(time.perf_counter() - t0, 3), cpu_seconds=round(time.process_time() - c0, 2),
+        outcomes=values[primary],
+        ids_digest=ids_digest([ex.id for ex in examples]), samples=samples)
 
 
 def _versions() -> dict[str, str]:

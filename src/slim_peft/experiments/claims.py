@@ -153,7 +153,8 @@ def _forgetting_claims(cmp: Comparison) -> list[Claim]:
                 f"{cmp.label[key]} forgets (Table 2: LoRA MMLU 32.7 / GSM8K 0.0, DoRA 31.1 / 0.0, SLIM 65.8 / 76.1)",
                 f"base minus {cmp.label[key]}: general {fmt_diff(d_gen)}, arithmetic {fmt_diff(d_math)} pts",
                 (sign_finding(d_math, "direction reproduces on arithmetic", "contradicted on arithmetic"),
-                 sign_finding(d_gen, "direction reproduces on the general suite", "contradicted on the general suite"))))
+                 sign_finding(d_gen, "direction reproduces on the general suite",
+                              "contradicted on the general suite"))))
     return rows
 
 

@@ -17,15 +17,23 @@ from typing import Any
 from slim_peft.adapters import config_from_dict
 from slim_peft.assets import EMBEDDED_MODEL
 from slim_peft.data import build_task_examples
-from slim_peft.evaluation import evaluate, forgetting_report
+from slim_peft.evaluation import EvalResult, LearnForgetReport, evaluate, forgetting_report
 from slim_peft.reporting import write_run_report
-from slim_peft.training import Trainer, TrainingArguments, read_metrics, seed_everything, staged_output_dir
+from slim_peft.training import (
+    Trainer,
+    TrainingArguments,
+    TrainOutput,
+    read_metrics,
+    seed_everything,
+    staged_output_dir,
+)
 from slim_peft.training.job import DataArguments, write_effective_config
 
 from .setup import attach_adapter, load_base, pad_id, register_tasks
 
 DEFAULT_TASKS = ("openbookqa", "social_iqa", "boolq")
-# General suite of `run`: cloze probes clearly above chance for the embedded model (baseline_eval.md)
+# General suite of `run`: cloze probes the embedded model answers clearly above chance before fine-tuning
+# (0.35-0.77 accuracy on 150 test questions each, chance 0.25-0.5)
 RUN_GENERAL_TASKS = ("arc_easy", "arc_challenge", "piqa", "sciq", "hellaswag")
 # `run` defaults, sized to finish within 20 minutes on 2 CPU cores. Measured here (single-thread CPU time, a
 # busy machine): SLIM training ~12 CPU-s per step of 8 examples (~1,100 tokens); evaluation ~0.19 CPU-s per
@@ -71,18 +79,38 @@ class LearnForgetConfig:
         return TrainingArguments(**training)
 
 
+@dataclass(frozen=True)
+class Suite:
+    """Tasks scored with one protocol on their test splits: `limit` questions each, or `limits[task]`."""
+
+    tasks: tuple[str, ...]
+    protocol: str
+    limit: int | None = None
+    limits: tuple[tuple[str, int], ...] = ()  # per-task overrides (a study's general suite)
+
+    def limit_of(self, task: str) -> int | None:
+        return dict(self.limits).get(task, self.limit)
+
+
 @dataclass
 class Judgement:
-    """One model's evaluations: downstream (letter) and general (loglik) results, routing statistics."""
+    """One model judged on some suites (e.g. "downstream": letter, "general": loglik): an `EvalResult` per
+    suite, and the routing statistics of each suite for methods that route."""
 
-    downstream: dict[str, Any]
-    general: dict[str, Any]
+    parts: dict[str, EvalResult]
     routing: dict[str, Any]
     seconds: float
 
-    def merged(self) -> dict[str, Any]:
-        """Both evaluations as one result (the input of `forgetting_report`)."""
-        return {**self.downstream, "tasks": {**self.downstream.get("tasks", {}), **self.general.get("tasks", {})}}
+    def merged(self) -> EvalResult:
+        """Every suite's tasks as one result (the input of `forgetting_report`)."""
+        results = list(self.parts.values())
+        out = results[0]
+        for other in results[1:]:
+            out = out.merged(other)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: part.to_dict() for name, part in self.parts.items()}
 
 
 @dataclass
@@ -93,35 +121,66 @@ class RunResult:
     training: dict[str, Any]
     before: Judgement
     after: Judgement
-    learn_forget: dict[str, Any]
+    learn_forget: LearnForgetReport
     timings_s: dict[str, float]
     output_dir: Path
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "training": self.training,
-                "before": {"downstream": self.before.downstream, "general": self.before.general},
-                "after": {"downstream": self.after.downstream, "general": self.after.general},
-                "learn_forget": self.learn_forget, "routing": self.after.routing, "timings_s": self.timings_s}
+                "before": self.before.to_dict(), "after": self.after.to_dict(),
+                "learn_forget": self.learn_forget.to_dict(), "routing": self.after.routing,
+                "timings_s": self.timings_s}
 
 
-def judge(model: Any, tokenizer: Any, tasks: Sequence[str], general: Sequence[str], cfg: LearnForgetConfig
-          ) -> Judgement:
-    """Score `model` on the downstream tasks (letter) and the general suite (loglik), with routing statistics
-    of each part for methods that route."""
+def judge(model: Any, tokenizer: Any, suites: dict[str, Suite], *, seed: int = 0, model_name: str | None = None,
+          batch_size: int = 16, log_samples: bool = False, routing: bool = True) -> Judgement:
+    """Score `model` on each suite, one `evaluate` call per task (so a task's score never depends on which
+    tasks came before it), and with `routing` the routing statistics of each suite (methods that route).
+    An empty suite gives an empty result."""
     t0 = time.perf_counter()
-    routed = hasattr(model, "routing_stats")
-    if routed:
-        model.reset_routing_stats()
-    kw = dict(split="test", limit=cfg.eval_limit, seed=cfg.seed, model_name=cfg.model, progress=True)
-    down = evaluate(model, tokenizer, list(tasks), protocol="letter", **kw)
-    routing = {}
-    if routed:
-        routing["downstream"] = model.routing_stats()
-        model.reset_routing_stats()
-    gen = evaluate(model, tokenizer, list(general), protocol="loglik", **kw) if general else {"tasks": {}}
-    if routed:
-        routing["general"] = model.routing_stats()
-    return Judgement(down, gen, routing, time.perf_counter() - t0)
+    routed = routing and hasattr(model, "routing_stats")
+    parts: dict[str, EvalResult] = {}
+    stats: dict[str, Any] = {}
+    for name, suite in suites.items():
+        if routed:
+            model.reset_routing_stats()
+        part = None
+        for task in suite.tasks:
+            res = evaluate(model, tokenizer, [task], protocol=suite.protocol, split="test",
+                           limit=suite.limit_of(task), batch_size=batch_size, seed=seed, model_name=model_name,
+                           progress=True, log_samples=log_samples)
+            part = res if part is None else part.merged(res)
+        parts[name] = part if part is not None else _empty_result(suite, seed, model_name, batch_size)
+        if routed and suite.tasks:
+            stats[name] = model.routing_stats()
+    return Judgement(parts, stats, time.perf_counter() - t0)
+
+
+def _empty_result(suite: Suite, seed: int, model_name: str | None, batch_size: int) -> EvalResult:
+    return EvalResult(model=model_name, adapter=None, protocol=suite.protocol, split="test", limit=suite.limit,
+                      seed=seed, batch_size=batch_size, versions={})
+
+
+@dataclass
+class TrainedAdapter:
+    """A finished training run: the trainer's output and what it cost."""
+
+    output: TrainOutput
+    seconds: float
+    cpu_seconds: float
+
+
+def train_adapter(model: Any, tokenizer: Any, examples: list, args: TrainingArguments, run_config: dict[str, Any],
+                  *, eval_fn: Callable[[Any], dict[str, float]] | None = None, run_dir: Path | None = None,
+                  on_trainer: Callable[[Trainer], None] | None = None) -> TrainedAdapter:
+    """Train an adapter model (already seeded and built) on tokenised examples, timed. `on_trainer` sees the
+    trainer before it starts (an `eval_fn` that reads the step needs it)."""
+    trainer = Trainer(model, args, examples, pad_token_id=pad_id(tokenizer), eval_fn=eval_fn, run_config=run_config)
+    if on_trainer is not None:
+        on_trainer(trainer)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = trainer.train(run_dir=run_dir)
+    return TrainedAdapter(out, time.perf_counter() - t0, time.process_time() - c0)
 
 
 def run_learn_forget(cfg: LearnForgetConfig) -> RunResult:
@@ -148,20 +207,21 @@ def run_learn_forget(cfg: LearnForgetConfig) -> RunResult:
         timings["load"] = time.perf_counter() - t
         cfg.progress(f"[2/5] evaluating the base model: {', '.join(tasks)} (letter) and {', '.join(general)} "
                      f"(loglik), {cfg.eval_limit} questions each")
-        before = judge(base, tokenizer, tasks, general, cfg)
+        suites = {"downstream": Suite(tuple(tasks), "letter", cfg.eval_limit),
+                  "general": Suite(tuple(general), "loglik", cfg.eval_limit)}
+        before = judge(base, tokenizer, suites, seed=cfg.seed, model_name=cfg.model)
         timings["eval_before"] = before.seconds
         cfg.progress(f"[3/5] training {cfg.method} for {targs.max_steps} steps on {len(examples)} examples {counts}")
         seed_everything(cfg.seed)
         model = attach_adapter(base, adapter_cfg, cfg.model)
         model.print_trainable_parameters()
-        t = time.perf_counter()
-        trainer = Trainer(model, targs, examples, pad_token_id=pad_id(tokenizer),
-                          run_config={"model": cfg.model, "tasks": tasks, "max_train_samples": cfg.train_limit})
-        out = trainer.train(run_dir=run_dir)
-        timings["train"] = time.perf_counter() - t
+        trained = train_adapter(model, tokenizer, examples, targs, run_dir=run_dir,
+                                run_config={"model": cfg.model, "tasks": tasks, "max_train_samples": cfg.train_limit})
+        out = trained.output
+        timings["train"] = trained.seconds
         cfg.progress("[4/5] evaluating the adapted model")
         model.eval()
-        after = judge(model, tokenizer, tasks, general, cfg)
+        after = judge(model, tokenizer, suites, seed=cfg.seed, model_name=cfg.model)
         timings["eval_after"] = after.seconds
         cfg.progress("[5/5] writing the report")
         t = time.perf_counter()

@@ -55,13 +55,13 @@ class Study:
         if self.threads > 0:
             torch.set_num_threads(self.threads)
 
-    def load_model(self):
+    def load_model(self) -> tuple[Any, Any]:
         """The base model and its tokenizer."""
         from slim_peft.assets import load_base_model
 
         return load_base_model(self.plan.model)
 
-    def train_data(self, tokenizer) -> tuple[list, dict]:
+    def train_data(self, tokenizer: Any) -> tuple[list, dict]:
         """The downstream tasks' train splits, encoded once per process: (examples, counts per task)."""
         if self._train_data is None:
             from slim_peft.data import build_task_examples
@@ -70,45 +70,32 @@ class Study:
                                                    max_seq_length=self.protocol.max_seq_length)
         return self._train_data
 
-    def evaluate_all(self, model, tokenizer, with_downstream: bool = True, with_math: bool = True) -> dict:
-        """Downstream (letter), general (loglik, per-task sizes) and arithmetic (generate) scores."""
+    def suites(self, with_downstream: bool = True, with_math: bool = True) -> dict[str, Any]:
+        """The protocol's suites: downstream (letter), general (loglik, per-task sizes), arithmetic (generate)."""
+        from .learn_forget import Suite
+
         p, tasks = self.protocol, self.plan.tasks
-        out: dict[str, Any] = {"downstream": {}, "general": {}, "math": {}}
+        suites = {"downstream": Suite(tuple(tasks.downstream) if with_downstream else (), "letter",
+                                      p.downstream_limit),
+                  "general": Suite(tuple(tasks.general), "loglik",
+                                   limits=tuple((t, p.general_limit(t)) for t in tasks.general))}
+        suites["math"] = Suite((tasks.math,) if with_math else (), "generate", p.math_limit)
+        return suites
+
+    def evaluate_all(self, model: Any, tokenizer: Any, with_downstream: bool = True, with_math: bool = True) -> dict:
+        """Downstream (letter), general (loglik, per-task sizes) and arithmetic (generate) scores, judged by the
+        library's `judge` (the one `slim-peft run` uses), in the study's record format."""
+        from .learn_forget import judge
+
         t0, c0 = time.perf_counter(), time.process_time()
-        if with_downstream:
-            for task in tasks.downstream:
-                out["downstream"][task] = self._score(model, tokenizer, task, "letter", p.downstream_limit)
-        for task in tasks.general:
-            out["general"][task] = self._score(model, tokenizer, task, "loglik", p.general_limit(task))
-        if with_math:
-            out["math"][tasks.math] = self._score(model, tokenizer, tasks.math, "generate", p.math_limit)
+        judged = judge(model, tokenizer, self.suites(with_downstream, with_math),
+                       batch_size=self.protocol.eval_batch_size, log_samples=True, routing=False)
+        out: dict[str, Any] = {part: {task: study_entry(r) for task, r in res.tasks.items()}
+                               for part, res in judged.parts.items()}
         out["seconds"] = round(time.perf_counter() - t0, 2)
         out["cpu_seconds"] = round(time.process_time() - c0, 2)
-        summarize(out, tasks.math)
+        summarize(out, self.plan.tasks.math)
         return out
-
-    def _score(self, model, tokenizer, task: str, protocol: str, limit: int) -> dict[str, Any]:
-        """One task's entry: score, stderr, timing, metrics and the per-question outcomes."""
-        from slim_peft.evaluation import evaluate
-
-        c = time.process_time()
-        res = evaluate(model, tokenizer, [task], protocol=protocol, split="test", limit=limit,
-                       batch_size=self.protocol.eval_batch_size, progress=True, log_samples=True)
-        r = res["tasks"][task]
-        entry = {"score": r["score"], "stderr": r["stderr"], "metric": r["metric"], "n": r["n"],
-                 "seconds": r["seconds"], "cpu_seconds": round(time.process_time() - c, 2),
-                 "chance": r["chance"], "metrics": r["metrics"]}
-        if protocol == "generate":  # see number_match: the study's math score
-            hits = [number_match(s["generated"], s["gold"]) for s in r["samples"]]
-            entry["metrics"]["number_match"] = statistics.fmean(hits)
-            entry["metric"], entry["score"] = "number_match", statistics.fmean(hits)
-            entry["stderr"] = binary_stderr(hits)
-            entry["examples"] = [{"generated": s["generated"], "gold": s["gold"]} for s in r["samples"][:5]]
-        else:
-            pred = "pred_norm" if r["metric"] == "acc_norm" else "pred"
-            hits = [float(s[pred] == s["gold"]) for s in r["samples"]]
-        entry.update(per_question(hits, [s["id"] for s in r["samples"]], entry["score"]))
-        return entry
 
     # -- base
     def base_path(self) -> Path:
@@ -150,7 +137,7 @@ class Study:
                  f"arithmetic {_pct(data['math_score'])} ({data['wall_seconds']:.0f} s)")
         return data
 
-    def training_arguments(self, output_dir: str, method: str, max_steps: int, seed: int, **extra: Any):
+    def training_arguments(self, output_dir: str, method: str, max_steps: int, seed: int, **extra: Any) -> Any:
         """The protocol's TrainingArguments for `method` (its paper's learning rate), the same for every run,
         step timing and profile; `extra` sets the run-specific fields (checkpoints, evaluation, logging)."""
         from slim_peft.training import TrainingArguments
@@ -163,7 +150,7 @@ class Study:
             max_grad_norm=p.max_grad_norm, seed=seed, logging_steps=1, max_seq_length=p.max_seq_length,
             group_by_length=True, torch_num_threads=self.threads, **extra)
 
-    def adapter_model(self, run: Run, seed: int):
+    def adapter_model(self, run: Run, seed: int) -> tuple[Any, Any, Any, list, dict]:
         """(base model, tokenizer, adapter model of `run`'s config, train examples, counts), seeded."""
         from slim_peft.adapters import config_from_dict, get_adapter_model
         from slim_peft.training import seed_everything
@@ -180,16 +167,17 @@ class Study:
         evaluation): CPU and wall seconds per step, for sizing the study."""
         import tempfile
 
-        from slim_peft.training import Trainer, read_metrics
+        from slim_peft.training import read_metrics
+
+        from .learn_forget import train_adapter
 
         self._torch_setup()
         _, tok, model, examples, _ = self.adapter_model(run, 0)
         with tempfile.TemporaryDirectory() as tmp:
             args = self.training_arguments(tmp, run.method, steps, seed=0, save_steps=0, disable_tqdm=True)
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = Trainer(model, args, examples, pad_token_id=tok.pad_token_id).train()
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            tokens = read_metrics(Path(out.run_dir) / "metrics.jsonl")[-1].get("tokens_seen")
+            trained = train_adapter(model, tok, examples, args, run_config={})
+            wall, cpu = trained.seconds, trained.cpu_seconds
+            tokens = read_metrics(Path(trained.output.run_dir) / "metrics.jsonl")[-1].get("tokens_seen")
         return {"kind": "steps", "method": run.method, "setting": run.setting, "steps": steps,
                 "protocol": self.protocol.to_dict(),
                 "cpu_seconds_per_step": round(cpu / steps, 3), "wall_seconds_per_step": round(wall / steps, 3),
@@ -202,7 +190,7 @@ class Study:
     def execute(self, run: Run) -> dict:
         """Train `run` (resuming from its last checkpoint of this protocol), score it, and return its record;
         a run that is a curve run too (`StudyPlan.twin`) scores the general suite at intermediate steps."""
-        from slim_peft.training import Trainer
+        from .learn_forget import train_adapter
 
         self._torch_setup()
         p = self.protocol
@@ -217,16 +205,13 @@ class Study:
             eval_steps=max(1, math.ceil(p.max_steps / p.curve_points)) if curve else 0,
             save_steps=max(5, p.max_steps // 4), save_total_limit=1, resume_from_checkpoint=resume,
             disable_tqdm=not sys.stderr.isatty(), report_to="jsonl")
-        trainer = Trainer(model, args, examples, pad_token_id=tok.pad_token_id, eval_fn=curve,
-                          run_config={"study": self.plan.name, "run": run.run_id, "model": self.plan.model})
-        if curve is not None:
-            curve.trainer = trainer
         self.log(f"{run.run_id}: training {p.max_steps} steps x batch {p.batch}, lr "
                  f"{self.plan.methods[run.method].lr:g}, {trainable:,d} trainable parameters")
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = trainer.train()
-        train_seconds, train_cpu = time.perf_counter() - t0, time.process_time() - c0
-        train = {"out": out, "seconds": train_seconds, "cpu": train_cpu, "start_step": start_step,
+        trained = train_adapter(model, tok, examples, args, eval_fn=curve,
+                                run_config={"study": self.plan.name, "run": run.run_id, "model": self.plan.model},
+                                on_trainer=curve.attach if curve is not None else None)
+        out = trained.output
+        train = {"out": out, "seconds": trained.seconds, "cpu": trained.cpu_seconds, "start_step": start_step,
                  "resumed": resume is not None, "curve_cpu": curve.cpu_seconds() if curve else 0.0,
                  "trainable": trainable, "total": total, "counts": counts}
         result = self._finish(run, model, tok, out_dir, train, with_curve=curve is not None)
@@ -235,7 +220,7 @@ class Study:
             result["adapter_dir"] = out.adapter_dir
         else:
             shutil.rmtree(out_dir, ignore_errors=True)
-        del model, base_model, trainer
+        del model, base_model, trained
         return result
 
     def _resume_point(self, run: Run, out_dir: Path) -> tuple[str | None, int]:
@@ -253,7 +238,7 @@ class Study:
         other = self.plan.twin(run, self.protocol.name)
         return self.plan.settings[run.setting].curve or (other is not None and self.plan.settings[other.setting].curve)
 
-    def _finish(self, run: Run, model, tok, out_dir: Path, train: dict[str, Any], with_curve: bool) -> dict:
+    def _finish(self, run: Run, model: Any, tok: Any, out_dir: Path, train: dict[str, Any], with_curve: bool) -> dict:
         """Score the trained model and assemble the run's record (training log, scores, curve, routing)."""
         from slim_peft.training import read_metrics
 
@@ -300,13 +285,17 @@ class CurveScorer:
     """The trainer's `eval_fn` of a curve run: the general suite (and arithmetic) at intermediate steps; the
     final step is scored after training. `trainer` is set once the trainer exists (it reads the step)."""
 
-    def __init__(self, study: Study, tokenizer) -> None:
+    def __init__(self, study: Study, tokenizer: Any) -> None:
         self.study = study
         self.tokenizer = tokenizer
         self.trainer = None
         self.state: dict[int, dict] = {}
 
-    def __call__(self, model) -> dict[str, Any]:
+    def attach(self, trainer: Any) -> None:
+        """Given the trainer before training starts (its state says which step is being scored)."""
+        self.trainer = trainer
+
+    def __call__(self, model: Any) -> dict[str, Any]:
         step = self.trainer.state.global_step
         if step >= self.study.protocol.max_steps or step in self.state:
             return {}
@@ -321,6 +310,26 @@ class CurveScorer:
     def cpu_seconds(self) -> float:
         """CPU time the intermediate scorings took (not training)."""
         return sum(r.get("cpu_seconds", 0) for r in self.state.values())
+
+
+def study_entry(r: Any) -> dict[str, Any]:
+    """A `TaskResult` (with samples) as the study's record of one task: score, stderr, timing, metrics and the
+    per-question outcomes; arithmetic is scored by `number_match`."""
+    samples = r.samples or []
+    entry = {"score": r.score, "stderr": r.stderr, "metric": r.metric, "n": r.n, "seconds": r.seconds,
+             "cpu_seconds": r.cpu_seconds, "chance": r.chance, "metrics": dict(r.metrics)}
+    if r.protocol == "generate":  # see number_match: the study's math score
+        hits = [number_match(s["generated"], s["gold"]) for s in samples]
+        entry["metrics"]["number_match"] = statistics.fmean(hits)
+        entry["metric"], entry["score"] = "number_match", statistics.fmean(hits)
+        entry["stderr"] = binary_stderr(hits)
+        entry["examples"] = [{"generated": s["generated"], "gold": s["gold"]} for s in samples[:5]]
+    else:
+        pred = "pred_norm" if r.metric == "acc_norm" else "pred"
+        hits = [float(s[pred] == s["gold"]) for s in samples]
+    # the study's own outcomes and ids digest (not the evaluator's): stored runs are paired by this digest
+    entry.update(per_question(hits, [s["id"] for s in samples], entry["score"]))
+    return entry
 
 
 def curve_points(records: list[dict]) -> list[dict]:

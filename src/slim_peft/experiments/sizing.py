@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 from .study import MMLU_SUBJECTS, PARTS, Protocol, Run, StudyPlan
@@ -269,14 +270,15 @@ def _sizing_intro(costs: dict[str, Any], fast: dict[str, Any] | None) -> str:
     if fast:
         text += (" Each cost is given for both allocators the study runs with (`--allocator`): glibc's malloc "
                  "and jemalloc, preloaded with `--allocator jemalloc` (see "
-                 "`src/slim_peft/allocator.py`); `-` where jemalloc has no measurement of its own (its "
+                 "`src/slim_peft/training/allocator.py`); `-` where jemalloc has no measurement of its own (its "
                  "projection then uses glibc's, which errs long). glibc's is the default: jemalloc with its "
                  "decay off keeps every freed page, and the exact-merge run outgrew the 24 GB machine under "
                  "it (see the script's docstring), so its projection holds only where memory allows.")
     return text
 
 
-def _cost_table(key: str, what: str, costs: dict, fast: dict | None, part: str, order, digits: int) -> list[str]:
+def _cost_table(key: str, what: str, costs: dict, fast: dict | None, part: str,
+                order: Callable[[Any], Any] | None, digits: int) -> list[str]:
     """A Markdown table of `costs[part]`, with jemalloc's figures and the ratio beside them when measured."""
     keys = sorted(costs[part], key=order) if order else list(costs[part])
     if not fast:

@@ -17,6 +17,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from slim_peft.evaluation.metrics import mean_stderr
+
 from .store import json_digest
 
 MEAN_KEY = {"general": "general_mean", "downstream": "downstream_mean", "math": "math_score"}
@@ -74,8 +76,7 @@ def paired_test_se(a: list[dict], b: list[dict], part: str, tasks: Sequence[str]
             return None
         mean_a = [statistics.fmean(int(e["correct"][i]) for e in entries[: len(a)]) for i in range(entries[0]["n"])]
         mean_b = [statistics.fmean(int(e["correct"][i]) for e in entries[len(a):]) for i in range(entries[0]["n"])]
-        d = [x - y for x, y in zip(mean_a, mean_b, strict=True)]
-        var += statistics.variance(d) / len(d)
+        var += mean_stderr([x - y for x, y in zip(mean_a, mean_b, strict=True)]) ** 2  # the paired stderr, squared
     return math.sqrt(var) / len(tasks)
 
 

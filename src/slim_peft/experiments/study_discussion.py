@@ -120,6 +120,14 @@ def matched_downstream_line(cmp: Comparison, plan: StudyPlan, best: Any) -> str:
     return head + ": " + "; ".join(items) + "."
 
 
+def claims_by_verdict(checked: list[cl.Claim]) -> dict[Verdict, list[str]]:
+    """The claims' names (without the paper reference) under each verdict that has any, in `HEADINGS` order."""
+    by_verdict: dict[Verdict, list[str]] = {}
+    for c in checked:
+        by_verdict.setdefault(c.verdict, []).append(re.sub(r" \((Table|Fig)[^)]*\)$", "", c.claim))
+    return {v: by_verdict[v] for v in HEADINGS if v in by_verdict}
+
+
 def discussion_section(plan: StudyPlan, runs: dict[str, dict], base: dict) -> list[str]:
     """The plain reading of the study, generated from the claims and effects above (so it cannot drift from the
     numbers): what reproduces, what does not, how this setting differs from the paper's, and what was tried."""
@@ -128,13 +136,8 @@ def discussion_section(plan: StudyPlan, runs: dict[str, dict], base: dict) -> li
     lines = ["### Discussion (generated from the tables above)", ""]
     if not checked:
         return lines + ["Nothing to discuss yet: the main SLIM runs and at least one baseline are needed.", ""]
-    by_verdict: dict[Verdict, list[str]] = {}
-    for c in checked:
-        by_verdict.setdefault(c.verdict, []).append(re.sub(r" \((Table|Fig)[^)]*\)$", "", c.claim))
-    for verdict in (Verdict.REPRODUCES, Verdict.PARTLY, Verdict.UNRESOLVED, Verdict.OPPOSITE, Verdict.CONTRADICTED,
-                    Verdict.PENDING):
-        if by_verdict.get(verdict):
-            lines.append(f"- {HEADINGS[verdict]}: " + "; ".join(by_verdict[verdict]) + ".")
+    for verdict, names in claims_by_verdict(checked).items():
+        lines.append(f"- {HEADINGS[verdict]}: " + "; ".join(names) + ".")
     main = cmp.main_keys()
     proto = cmp.groups[main[0]][0]["protocol"] if main else None
     if len(main) > 1 and proto:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from typing import Any
 
 from .stats import retention
 from .study import StudyPlan
 
 
-def _pyplot():
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed; imported only when a plot is drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -16,7 +16,7 @@ layer i, with prefix P = "mixlora" / "loramoe" / "mola" (MoE-PEFT `init_lora_lay
     LoRA     base_model.model.model.layers.{i}.{module}.{proj}.lora_{A,B}.weight (PEFT's keys)
 
 Ours stack the experts of a linear (`experts.lora_A`: E x r x d_in, `experts.lora_B`: E x d_out x r) and
-name routers `router.weight`; the maths is the same (method.md), so a converted adapter gives the same
+name routers `router.weight`; the maths is the same, so a converted adapter gives the same
 logits. What their format cannot express is refused with the reason: DoRA or rsLoRA inside a mixture,
 MixLoRA-Switch, top-p temperature, LoRAMoE on attention projections (MoE-PEFT gives those a plain LoRA),
 MoLA with a layer-dependent expert count (MoE-PEFT has one count). Our own settings that their config has

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from slim_peft.evaluation.results import LearnForgetReport
+
 from .plots import plot_forgetting
 from .tables import forgetting_markdown
 
@@ -57,11 +59,9 @@ def identity_share_per_layer(routing_stats: dict[str, Any] | None) -> dict[int, 
     return {layer: weight[layer] / tokens[layer] for layer in sorted(weight)}
 
 
-def learn_forget(report: dict[str, Any]) -> tuple[float | None, float | None]:
+def learn_forget(report: LearnForgetReport) -> tuple[float | None, float | None]:
     """(learned, forgotten): the mean downstream gain and the mean drop on general tasks (points)."""
-    learned = report.get("mean_downstream_delta")
-    forgot = report.get("mean_delta")
-    return learned, (-forgot if forgot is not None else None)
+    return report.learned, report.forgotten
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -99,28 +99,28 @@ def plot_loss_curve(metrics: Sequence[dict[str, Any]], path: str | Path, title: 
     return _save(fig, path)
 
 
-def plot_learn_vs_forget(report: dict[str, Any], path: str | Path, label: str = "run",
+def plot_learn_vs_forget(report: LearnForgetReport, path: str | Path, label: str = "run",
                          others: dict[str, tuple[float, float]] | None = None) -> Path:
     """Left: base vs adapted score per task. Right: the run as a point (learned = mean downstream gain,
     forgotten = mean general drop, in points), with ``others`` (label -> (learned, forgotten)) beside it."""
     plt = _plt()
-    rows = report.get("downstream", []) + report.get("general", [])
+    rows = report.downstream + report.general
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2.2, 1]})
     n = len(rows)
     xs = list(range(n))
     w = 0.38
-    ax.bar([x - w / 2 for x in xs], [r["base"] for r in rows], w, yerr=[r.get("base_stderr") or 0 for r in rows],
+    ax.bar([x - w / 2 for x in xs], [r.base for r in rows], w, yerr=[r.base_stderr or 0 for r in rows],
            label="before", color="#8c9fb5", capsize=3)
-    ax.bar([x + w / 2 for x in xs], [r["adapted"] for r in rows], w,
-           yerr=[r.get("adapted_stderr") or 0 for r in rows], label="after", color="#d9822b", capsize=3)
+    ax.bar([x + w / 2 for x in xs], [r.adapted for r in rows], w,
+           yerr=[r.adapted_stderr or 0 for r in rows], label="after", color="#d9822b", capsize=3)
     for i, r in enumerate(rows):
-        if r.get("chance") is not None:
-            ax.hlines(r["chance"], i - 0.45, i + 0.45, colors="k", linestyles="dotted", linewidth=1)
-    nd = len(report.get("downstream", []))
+        if r.chance is not None:
+            ax.hlines(r.chance, i - 0.45, i + 0.45, colors="k", linestyles="dotted", linewidth=1)
+    nd = len(report.downstream)
     if 0 < nd < n:
         ax.axvline(nd - 0.5, color="grey", linewidth=0.8)
     ax.set_xticks(xs)
-    ax.set_xticklabels([r["task"] + ("\n(learn)" if i < nd else "\n(keep)") for i, r in enumerate(rows)],
+    ax.set_xticklabels([r.task + ("\n(learn)" if i < nd else "\n(keep)") for i, r in enumerate(rows)],
                        rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
@@ -182,15 +182,15 @@ def _save(fig: Any, path: str | Path) -> Path:
 # ------------------------------------------------------------------------------------------ markdown
 
 
-def learn_forget_table(report: dict[str, Any]) -> str:
+def learn_forget_table(report: LearnForgetReport) -> str:
     """The table `slim-peft run` prints: one row per task, downstream (learn) first, then general (keep)."""
     lines = ["| task | kind | metric | n | before | after | delta | ± (delta) |",
              "|---|---|---|---|---|---|---|---|"]
-    for kind, rows in (("learn", report.get("downstream", [])), ("keep", report.get("general", []))):
+    for kind, rows in (("learn", report.downstream), ("keep", report.general)):
         for r in rows:
-            se = r.get("delta_stderr")
-            lines.append(f"| {r['task']} | {kind} | {r['metric']} | {r['n']} | {r['base']:.3f} | {r['adapted']:.3f} "
-                         f"| {r['delta']:+.3f} | {'-' if se is None else f'{se:.3f}'} |")
+            se = r.delta_stderr
+            lines.append(f"| {r.task} | {kind} | {r.metric} | {r.n} | {r.base:.3f} | {r.adapted:.3f} "
+                         f"| {r.delta:+.3f} | {'-' if se is None else f'{se:.3f}'} |")
     learned, forgot = learn_forget(report)
     if learned is not None:
         lines.append(f"| **mean downstream** | learn | | | | | **{learned:+.3f}** | |")
@@ -203,7 +203,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
     """``summary.md`` of a run from its ``results.json`` content."""
     cfg = results.get("config", {})
     tr = results.get("training", {})
-    report = results.get("learn_forget", {})
+    report = LearnForgetReport.from_dict(results["learn_forget"]) if results.get("learn_forget") else None
     t = results.get("timings_s", {})
     shares = results.get("routing", {})
     lines = [
@@ -245,7 +245,8 @@ def write_run_report(run_dir: str | Path, results: dict[str, Any],
     cfg = results.get("config", {})
     paths["loss_curve"] = plot_loss_curve(metrics, run_dir / "loss_curve.png",
                                           title=f"{cfg.get('method', '')} on {cfg.get('model', '')}")
-    paths["learn_vs_forget"] = plot_learn_vs_forget(results.get("learn_forget", {}), run_dir / "learn_vs_forget.png",
+    report = LearnForgetReport.from_dict(results["learn_forget"])
+    paths["learn_vs_forget"] = plot_learn_vs_forget(report, run_dir / "learn_vs_forget.png",
                                                     label=str(cfg.get("method", "run")))
     per_layer = {f"{k} data": identity_share_per_layer(v) for k, v in results.get("routing", {}).items()}
     paths["identity_routing"] = plot_identity_routing(per_layer, run_dir / "identity_routing.png",
@@ -253,12 +254,12 @@ def write_run_report(run_dir: str | Path, results: dict[str, Any],
     return paths
 
 
-def write_forgetting_report(report: dict, prefix: str | Path) -> dict[str, Path]:
+def write_forgetting_report(report: LearnForgetReport, prefix: str | Path) -> dict[str, Path]:
     """Write ``<prefix>.md``, ``<prefix>.json`` and ``<prefix>.png`` of a forgetting report; returns the paths."""
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = {"md": prefix.with_suffix(".md"), "json": prefix.with_suffix(".json"), "png": prefix.with_suffix(".png")}
     paths["md"].write_text(forgetting_markdown(report))
-    paths["json"].write_text(json.dumps(report, indent=2))
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=2))
     plot_forgetting(report, paths["png"])
     return paths

@@ -110,7 +110,7 @@ def register_jsonl_task(
     rows = read_jsonl_rows(path)
     name = name or re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)
     if role not in ("general", "downstream"):
-        raise ValueError(f"role must be 'general' or 'downstream', got {role!r}")
+        raise TaskFileError(f"role must be 'general' or 'downstream', got {role!r}")
     chance = sum(1.0 / len(r["choices"]) for r in rows) / len(rows)
     task = Task(
         name,

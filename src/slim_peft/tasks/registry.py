@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slim_peft.errors import UnknownTaskError
+from slim_peft.errors import ConfigError, UnknownTaskError
 from slim_peft.tasks.builtin import builtin_tasks
 from slim_peft.tasks.types import Task
 
@@ -25,9 +25,9 @@ GENERAL_SUITE = (
 def register_task(task: Task, overwrite: bool = False) -> Task:
     """Add a task to the registry; a built-in name is never replaced, a user task only with ``overwrite``."""
     if task.name in _BUILTIN:
-        raise ValueError(f"task name {task.name!r} is a built-in task; choose another name")
+        raise ConfigError(f"task name {task.name!r} is a built-in task; choose another name")
     if task.name in _REGISTRY and not overwrite:
-        raise ValueError(f"task {task.name!r} is already registered (pass overwrite=True to replace it)")
+        raise ConfigError(f"task {task.name!r} is already registered (pass overwrite=True to replace it)")
     _REGISTRY[task.name] = task
     return task
 

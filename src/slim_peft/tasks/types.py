@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from slim_peft.errors import ConfigError
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # The split of an example depends on nothing but its content: sha256 of this salt, a newline and the
@@ -124,15 +126,15 @@ class Task:
         (the whole file).
         """
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+            raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         if limit is not None and limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
+            raise ConfigError(f"limit must be >= 0, got {limit}")
         if self.subtasks:
             frac = self.test_fraction if test_fraction is None else test_fraction
             return [ex for sub in self.subtasks for ex in sub.examples(split, limit, test_fraction=frac)]
         frac = self.test_fraction if test_fraction is None else test_fraction
         if not 0.0 <= frac <= 1.0:
-            raise ValueError(f"test_fraction must be in [0, 1], got {frac}")
+            raise ConfigError(f"test_fraction must be in [0, 1], got {frac}")
         rows = self.all_examples()
         if split != "full":
             want_test = split == "test"

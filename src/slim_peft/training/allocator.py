@@ -29,6 +29,8 @@ import os
 import sys
 from pathlib import Path
 
+from slim_peft.errors import ConfigError
+
 JEMALLOC_ENV = "SLIM_PEFT_JEMALLOC"
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # keep freed pages: no madvise, no refault
 STANDARD_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
@@ -73,7 +75,7 @@ def reexec_with_jemalloc(choice: str = "auto", argv: list[str] | None = None) ->
     does not return. With "auto" and no library found it returns "system" and prints how to get one; with
     "jemalloc" and none found it raises. Returns the allocator the process runs with."""
     if choice not in CHOICES:
-        raise ValueError(f"allocator {choice!r}: choose from {', '.join(CHOICES)}")
+        raise ConfigError(f"allocator {choice!r}: choose from {', '.join(CHOICES)}")
     current = loaded_allocator()
     if choice == "system" or current == "jemalloc" or not sys.platform.startswith("linux"):
         return current

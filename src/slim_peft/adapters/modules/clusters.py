@@ -1,4 +1,4 @@
-"""SLIM's sliding clusters of the training distribution (method.md SLIM items 3-5): centres and per-channel
+"""SLIM's sliding clusters of the training distribution: centres and per-channel
 variances moved by momentum towards each training batch's tokens, and the normalised distance rho of a token to
 its nearest centre that weight yielding subtracts from the LoRA experts' router logits."""
 
@@ -13,7 +13,7 @@ EPS = 1e-6
 
 class SlidingClusters(nn.Module):
     """Centres c_j and per-channel variances v_j of the training tokens, moved by momentum in training mode
-    (method.md item 3) and frozen in eval mode. Buffers: saved with the adapter."""
+    and frozen in eval mode. Buffers: saved with the adapter."""
 
     def __init__(self, num_clusters: int, dim: int, momentum: float, device: torch.device | None = None) -> None:
         super().__init__()
@@ -44,7 +44,7 @@ class SlidingClusters(nn.Module):
         return (dev * inv_std.index_select(0, k)).amax(dim=-1)
 
     def rho(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """rho(h) = max over channels |h - c_k| / sqrt(v_k + eps) (method.md item 4)."""
+        """rho(h) = max over channels |h - c_k| / sqrt(v_k + eps)."""
         return self.rho_from(self.deviation(h, k), k)
 
     @torch.no_grad()

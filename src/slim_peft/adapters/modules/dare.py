@@ -1,4 +1,4 @@
-"""Dynamic merging (method.md SLIM item 7): DARE's drop-and-rescale (Yu et al. 2023, arXiv 2311.03099),
+"""SLIM's dynamic merging: DARE's drop-and-rescale (Yu et al. 2023, arXiv 2311.03099),
 delta' = m * delta / (1 - p), m ~ Bernoulli(1 - p), applied to each LoRA expert's update B_e A_e.
 
 Two forms: the fast one masks rows of B and columns of A (`factor_masks`, never forming B A); the exact one
@@ -12,7 +12,7 @@ import torch
 from .dropout import dropout_noise, keep_noise
 from .experts import sort_pairs
 
-# --- dynamic merging: drop-and-rescale masks (method.md SLIM item 7, DARE) ---------------------------
+# --- dynamic merging: drop-and-rescale masks (DARE) ------------------------------------------------------
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | None
              ) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The DoraConfig dataclass: every coefficient of the method with its default (shared/docs/method.md)."""
+"""The DoraConfig dataclass: every coefficient of the method and its default
+(the paper's, or ours where the paper is silent)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """I-LoRA (Ren et al. 2024, arXiv 2402.18865; official code which47/LLMCL `method/ILORA.py`): dual-memory
-experience replay on LoRA, as method.md "I-LoRA" specifies, plus the task mechanism of sequential training.
+experience replay on LoRA, plus the task mechanism of sequential training.
 
 Two LoRA adapters on the same frozen base, in one `ILoraLinear` per target (default q, k, v, o):
 - fast learner: `lora_A` / `lora_B` (trained, PEFT's layout);

@@ -1,4 +1,5 @@
-"""The LoraMoeConfig dataclass: every coefficient of the method with its default (shared/docs/method.md)."""
+"""The LoraMoeConfig dataclass: every coefficient of the method and its default
+(the paper's, or ours where the paper is silent)."""
 
 from __future__ import annotations
 

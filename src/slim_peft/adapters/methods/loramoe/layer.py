@@ -1,5 +1,4 @@
-"""LoRAMoE (Dou et al. 2023, arXiv 2312.09979; official code Ablustrund/LoRAMoE), as method.md "LoRAMoE"
-specifies.
+"""LoRAMoE (Dou et al. 2023, arXiv 2312.09979; official code Ablustrund/LoRAMoE).
 
 Each adapted linear (default: the FFN projections gate, up, down, as the official run script) gets N LoRA
 experts (a stacked `LoraExpertBank`) and its own dense router on its own input:

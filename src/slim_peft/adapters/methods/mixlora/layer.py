@@ -1,8 +1,7 @@
-"""MixLoRA (Li et al. 2024, arXiv 2404.15159) and MixLoRA-Dynamic (top-p routing, TUDB-Labs MoE-PEFT), as
-method.md "MixLoRA" specifies.
+"""MixLoRA (Li et al. 2024, arXiv 2404.15159) and MixLoRA-Dynamic (top-p routing, TUDB-Labs MoE-PEFT).
 
 Experts live at the FFN level and share the frozen FFN: expert e is the FFN with its own LoRA on gate, up and
-down (method_reference.md 5.1),
+down (as the reference code, MoE-PEFT's mixlora),
 
     E_e(h) = (W_down + s B^d_e A^d_e) [ act((W_gate + s B^g_e A^g_e) h) * ((W_up + s B^u_e A^u_e) h) ]
     FFN(h) = sum_{e in S(h)} w_e E_e(h)

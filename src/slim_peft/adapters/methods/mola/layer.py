@@ -1,5 +1,4 @@
-"""MoLA: Higher Layers Need More LoRA Experts (Gao et al. 2024, arXiv 2402.08562; official code GCYZSL/MoLA),
-as method.md "MoLA" specifies.
+"""MoLA: Higher Layers Need More LoRA Experts (Gao et al. 2024, arXiv 2402.08562; official code GCYZSL/MoLA).
 
 Every adapted linear (default all seven projections) of decoder layer l gets E_l LoRA experts (a stacked
 `LoraExpertBank`) and its own top-k router on its own input (official `Linear_MoE`):

@@ -1,4 +1,5 @@
-"""The SlimConfig dataclass: every coefficient of the method with its default (shared/docs/method.md)."""
+"""The SlimConfig dataclass: every coefficient of the method and its default
+(the paper's, or ours where the paper is silent)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from ...config import FFN_PROJ, AdapterConfig, check
 class SlimConfig(AdapterConfig):
     """SLIM (Han et al. 2024): LoRA + identity experts, weight yielding, dynamic merging.
 
-    See method.md "SLIM" items 1-9; every decision there is a field here so that it can be ablated.
+    Every decision of the method (routing, clusters and weight yielding, dynamic merging, losses), including
+    ours where the paper is silent, is a field here so that it can be ablated.
     """
 
     method: str = "slim"
@@ -21,19 +23,19 @@ class SlimConfig(AdapterConfig):
     top_k: int = 2
     routing: str = "block"  # "block": one router per decoder FFN; "linear": one per adapted linear
     router_init_std: float = 0.02
-    # sliding clusters and weight yielding (items 3-5)
+    # sliding clusters and weight yielding
     num_clusters: int = 8
     cluster_momentum: float = 0.1
     distance: str = "calibrated"  # "calibrated": rho / tau - 1; "max": rho - 1 (paper-literal)
     yield_strength: float = 1.0  # gamma; 0 disables weight yielding
     yield_clamp: bool = False  # use max(d, 0)
-    # dynamic merging (item 7)
+    # dynamic merging
     mask_ratio: float = 0.5  # p; 0 disables dynamic merging
     merge_form: str = "fast"  # "fast": row/column masks of B and A; "exact": elementwise DARE on s B A
     rescale: bool = True
     eval_mask: str = "fixed"  # "fixed" (from merge_seed), "resample" or "none"
     merge_seed: int = 0
-    # losses (item 8)
+    # losses
     l1_weight: float = 1e-3
     balance_loss_weight: float = 0.0  # optional switch-style load balancing, off (paper names none)
     dispatch: str = "auto"  # "dense", "grouped" or "auto" (see layers/experts.py)

@@ -1,21 +1,21 @@
-"""SLIM: Soft LoRA and Identity Mixture (Han et al. 2024, arXiv 2410.07739), as method.md specifies.
+"""SLIM: Soft LoRA and Identity Mixture (Han et al. 2024, arXiv 2410.07739).
 
 Per mixture site: N_L LoRA experts (a stacked `LoraExpertBank` per adapted linear) and N_I identity experts.
 An identity expert has no parameters and adds nothing: y = (W + sum_{i in LoRA} w_i s B_i' A_i') x + b, the
 weight routed to identity experts is weight taken from the adapters. Identity experts therefore cost no
 FLOPs: they exist only as router outputs (expert ids >= N_L), which the dispatch drops.
 
-Routing (method.md items 1-6): router logits z = R h (fp32); the distance d of h to the sliding clusters
+Routing: router logits z = R h (fp32); the distance d of h to the sliding clusters
 of the training distribution lowers the LoRA logits, z_i <- z_i - gamma d (weight yielding); top-K, softmax
 over the kept logits. `routing="block"`: one router and cluster state per decoder FFN, on the FFN input,
 shared by its adapted projections; `routing="linear"`: one per adapted linear.
 
-Dynamic merging (item 7): the selected experts' low-rank factors are masked, B rows and A columns each
+Dynamic merging: the selected experts' low-rank factors are masked, B rows and A columns each
 dropped with probability q = 1 - sqrt(1 - p) and rescaled by 1 / (1 - p), so B' A' is an unbiased DARE-style
 drop-and-rescale of B A that never forms B A; `merge_form="exact"` applies DARE's elementwise mask to s B A
 (forms every masked B_e A_e per forward, then applies it to its own tokens only: K dense products per token).
 
-Decisions where the paper is silent or garbled (all config fields, see SlimConfig and method.md):
+Decisions where the paper is silent or garbled (all config fields, see SlimConfig):
 - distance "calibrated" (default): d = rho / tau - 1, tau a running mean of rho over training tokens;
   "max": d = rho - 1 (paper-literal). rho = max over channels |h - c_k| / sqrt(v_k + 1e-6), k the nearest
   centre (Euclidean).
@@ -24,7 +24,7 @@ Decisions where the paper is silent or garbled (all config fields, see SlimConfi
 - with gradient checkpointing the recomputed forward updates the clusters a second time (a momentum step
   on the same batch); masks are the same in the recomputation because checkpointing restores the RNG.
 
-Speed (issue 7): routing, cluster moves and dispatch stay on the device (no `.item()`/`.tolist()` per layer;
+Speed: routing, cluster moves and dispatch stay on the device (no `.item()`/`.tolist()` per layer;
 the one host read is the clusters' one-time initialisation). The nearest centre comes from one matmul
 (||c||^2 - 2 h.c), |h - c_k| is computed once and reused for rho and the variance update, the LoRA scaling
 rides on the routing weights and the mixture accumulates into the base output (addmm / index_add), so no
@@ -74,7 +74,7 @@ class SlimRouter(nn.Module):
         self.last_logits: torch.Tensor | None = None
 
     def distance(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """d(h) (method.md item 4), after moving the clusters when training."""
+        """d(h), after moving the clusters when training."""
         clusters = self.clusters
         if self.training and not clusters.ready():
             clusters.initialize(h.detach(), w)
@@ -161,7 +161,7 @@ class SlimLinear(nn.Module):
         return factor_masks(E, d_in, d_out, cfg.mask_ratio, cfg.rescale, generator, A.device)
 
     def masks(self) -> tuple[torch.Tensor, ...] | None:
-        """Dynamic-merging masks for this forward: new in training, per `eval_mask` in eval (item 7)."""
+        """Dynamic-merging masks for this forward: new in training, per `eval_mask` in eval."""
         cfg = self.cfg
         if cfg.mask_ratio == 0 or (not self.training and cfg.eval_mask == "none"):
             return None
@@ -282,7 +282,7 @@ def l1_penalty(banks: list[LoraExpertBank]) -> torch.Tensor:
 
 def slim_aux_losses(model: nn.Module, cfg: AdapterConfig, ctx: ForwardContext
                     ) -> dict[str, tuple[torch.Tensor, float]]:
-    """L1 (item 8): sum over sites, projections and LoRA experts of mean|B| + mean|A|; optional balancing.
+    """L1 on the adapters: sum over sites, projections and LoRA experts of mean|B| + mean|A|; optional balancing.
     Without autograd (evaluation, generation) the L1 value is reused while the weights are unchanged."""
     assert isinstance(cfg, SlimConfig)
     banks = expert_banks(model)

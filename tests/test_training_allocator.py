@@ -12,18 +12,56 @@ from slim_peft.training import allocator
 
 
 def test_this_process_runs_with_the_system_malloc_unless_preloaded():
-    expected = "jemalloc" if "libjemalloc" in os.environ.get("LD_PRELOAD", "") else "system"
+    preload = os.environ.get("LD_PRELOAD", "")
+    expected = "jemalloc" if "libjemalloc" in preload else "tcmalloc" if "libtcmalloc" in preload else "system"
+    assert allocator.loaded_allocator() == expected
+
+
+class _Maps:
+    """Stands in for `Path` in the allocator module: `/proc/self/maps` reads as `text` (or fails when None)."""
+
+    def __init__(self, text: str | None) -> None:
+        self.text = text
+
+    def __call__(self, path: str) -> _Maps:
+        assert path == "/proc/self/maps"
+        return self
+
+    def read_text(self) -> str:
+        if self.text is None:
+            raise OSError("no /proc here")
+        return self.text
+
+
+GLIBC = "7f00-7f10 r-xp 00000000 08:01 123 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+
+
+@pytest.mark.parametrize("maps, expected", [
+    (GLIBC, "system"),
+    (GLIBC + "7f20-7f30 r-xp 00000000 08:01 456 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n", "jemalloc"),
+    (GLIBC + "7f20-7f30 r-xp 00000000 08:01 789 /usr/lib/libtcmalloc_minimal.so.4\n", "tcmalloc"),
+    (None, "system"),  # no /proc (not Linux)
+], ids=["glibc", "jemalloc", "tcmalloc", "no-proc"])
+def test_the_allocator_is_read_from_the_mapped_libraries(monkeypatch, maps, expected):
+    monkeypatch.setattr(allocator, "Path", _Maps(maps))
     assert allocator.loaded_allocator() == expected
 
 
 def test_the_environment_variable_names_the_library_and_a_wrong_one_fails_early(tmp_path, monkeypatch):
     lib = tmp_path / "libjemalloc.so.2"
     lib.write_bytes(b"")
-    monkeypatch.setenv(allocator.JEMALLOC_ENV, str(lib))
+    monkeypatch.setenv("SLIM_PEFT_JEMALLOC", str(lib))
     assert allocator.find_jemalloc() == lib
-    monkeypatch.setenv(allocator.JEMALLOC_ENV, str(tmp_path / "missing.so"))
+    monkeypatch.setenv("SLIM_PEFT_JEMALLOC", str(tmp_path / "missing.so"))
     with pytest.raises(FileNotFoundError, match="SLIM_PEFT_JEMALLOC=.*missing.so is not a file"):
         allocator.find_jemalloc()
+    # without the variable, a conda environment's lib/ is searched first
+    monkeypatch.delenv("SLIM_PEFT_JEMALLOC")
+    conda = tmp_path / "conda"
+    (conda / "lib").mkdir(parents=True)
+    (conda / "lib" / "libjemalloc.so.2").write_bytes(b"")
+    monkeypatch.setenv("CONDA_PREFIX", str(conda))
+    assert allocator.find_jemalloc() == conda / "lib" / "libjemalloc.so.2"
 
 
 def test_jemalloc_env_prepends_the_library_and_turns_decay_off(tmp_path):
@@ -39,6 +77,7 @@ def test_reexec_replaces_the_process_with_jemalloc_preloaded(tmp_path, monkeypat
     monkeypatch.setattr(allocator, "loaded_allocator", lambda: "system")
     monkeypatch.setattr(allocator, "find_jemalloc", lambda: lib)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
     calls = []
 
     def fake_execve(path, args, env):
@@ -51,7 +90,8 @@ def test_reexec_replaces_the_process_with_jemalloc_preloaded(tmp_path, monkeypat
         allocator.reexec_with_jemalloc("auto", ["script.py", "--budget", "main"])
     path, args, env = calls[0]
     assert path == sys.executable and args == [sys.executable, "script.py", "--budget", "main"]
-    assert env["LD_PRELOAD"].startswith(str(lib))
+    # this process's environment, plus the library preloaded and jemalloc's decay turned off
+    assert env == {**os.environ, "LD_PRELOAD": str(lib), "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
     # preloaded but not mapped (not a jemalloc library): an error, not an endless loop of re-executions
     monkeypatch.setenv("LD_PRELOAD", str(lib))
     with pytest.raises(RuntimeError, match="was not loaded"):

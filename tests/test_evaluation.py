@@ -12,12 +12,22 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import slim_peft.cli.eval as eval_cli
 import slim_peft.evaluation as ev
+import slim_peft.evaluation.protocols as protocols
 from slim_peft.cli.eval import add_arguments as add_eval_arguments
 from slim_peft.cli.eval import command as eval_command
-from slim_peft.cli.eval import write_forgetting_report
-from slim_peft.evaluation import encode_pair, evaluate, forgetting_report, letter_requests, mean_stderr, pack_sequences
+from slim_peft.evaluation import (
+    EvalResult,
+    encode_pair,
+    evaluate,
+    forgetting_report,
+    letter_requests,
+    mean_stderr,
+    pack_sequences,
+)
 from slim_peft.evaluation.scorer import score_requests
+from slim_peft.reporting import write_forgetting_report
 from slim_peft.tasks import get_task
 
 
@@ -115,14 +125,14 @@ def test_loglik_results_match_direct_argmax(tiny, tokenizer):
         log_samples=True,
         seed=3,
     )
-    json.dumps(res)
+    assert EvalResult.from_dict(json.loads(json.dumps(res.to_dict()))) == res  # the JSON round-trips
     for name in ("arc_easy", "winogrande"):
-        r = res["tasks"][name]
+        r = res.tasks[name]
         task = get_task(name)
-        assert r["task"] == name and r["protocol"] == "loglik" and r["n"] == 6 and r["seed"] == 3
-        assert r["split"]["name"] == "test" and r["model"] and "adapter" in r
+        assert r.task == name and r.protocol == "loglik" and r.n == 6 and r.seed == 3
+        assert r.split["name"] == "test" and r.model and len(r.outcomes) == 6
         accs, norms = [], []
-        for ex, sample in zip(task.examples("test", limit=6), r["samples"], strict=True):
+        for ex, sample in zip(task.examples("test", limit=6), r.samples, strict=True):
             req = task.lm_eval_request(ex)
             lls = [
                 direct_loglik(tiny, *encode_pair(tokenizer, c, x))
@@ -133,19 +143,19 @@ def test_loglik_results_match_direct_argmax(tiny, tokenizer):
             norms.append(
                 float(max(range(len(lls)), key=lambda i: lls[i] / len(req.choice_texts[i])) == req.gold)
             )
-        assert r["metrics"]["acc"] == pytest.approx(sum(accs) / 6)
-        assert r["metrics"]["acc_stderr"] == pytest.approx(mean_stderr(accs))
+        assert r.metrics["acc"] == pytest.approx(sum(accs) / 6)
+        assert r.metrics["acc_stderr"] == pytest.approx(mean_stderr(accs))
         if task.has_acc_norm:
-            assert r["metrics"]["acc_norm"] == pytest.approx(sum(norms) / 6)
+            assert r.metrics["acc_norm"] == pytest.approx(sum(norms) / 6)
         else:
-            assert "acc_norm" not in r["metrics"]
+            assert "acc_norm" not in r.metrics
 
 
 def test_letter_protocol_scores_the_next_token_after_the_chat_prompt(tiny, tokenizer):
     task = get_task("openbookqa")
     exs = task.examples("test", limit=4)
     res = evaluate(tiny, tokenizer, ["openbookqa"], protocol="letter", limit=4, log_samples=True)
-    for ex, sample in zip(exs, res["tasks"]["openbookqa"]["samples"], strict=True):
+    for ex, sample in zip(exs, res.tasks["openbookqa"].samples, strict=True):
         reqs = letter_requests(tokenizer, ex)
         prompt = reqs[0][0]
         assert all(r[0] == prompt and len(r[1]) == 1 for r in reqs)  # one prompt, one token per letter
@@ -163,11 +173,12 @@ def test_generate_protocol_exact_match(tiny, tokenizer, monkeypatch):
         # right; wrong; right after restating the sum (flexible extract); wrong number containing the answer
         return [f" {a[0]} ", "no idea", f" 2 + 3 = {a[2]}", f" {a[3]}1"]
 
-    monkeypatch.setattr(ev, "generate_greedy", fake_generate)
+    monkeypatch.setattr(protocols, "generate_greedy", fake_generate)  # the name the protocol calls
     res = evaluate(tiny, tokenizer, ["basic_arithmetic"], protocol="generate", limit=4)
-    r = res["tasks"]["basic_arithmetic"]
-    assert r["metric"] == "exact_match" and r["score"] == 0.5 and r["chance"] == 0.0
-    assert r["metrics"]["exact_match_strict"] == 0.25
+    r = res.tasks["basic_arithmetic"]
+    assert r.metric == "exact_match" and r.score == 0.5 and r.chance == 0.0
+    assert r.outcomes == [1.0, 0.0, 1.0, 0.0]  # per question, in order
+    assert r.metrics["exact_match_strict"] == 0.25
     assert ev.extract_answer(" 5 + 91 = 96") == "96" and ev.extract_answer(" -3.5 ") == "-3.5"
     with pytest.raises(ValueError, match="no generation form"):
         evaluate(tiny, tokenizer, ["piqa"], protocol="generate", limit=2)
@@ -199,42 +210,60 @@ def test_adapter_model_scores_like_unpacked(tiny, tokenizer):
 
 
 # ----------------------------------------------------------------------------------------- report
-def _fake_results(scores: dict[str, float], adapter=None) -> dict:
+def _fake_results(scores: dict[str, float], adapter=None, outcomes: dict[str, list[float]] | None = None
+                  ) -> EvalResult:
     tasks = {}
     for name, s in scores.items():
         task = get_task(name)
         tasks[name] = {
-            "task": name,
-            "protocol": "loglik",
-            "metric": "acc",
-            "score": s,
-            "stderr": math.sqrt(s * (1 - s) / 99),
-            "n": 100,
-            "split": task.split_info("test"),
-            "chance": task.chance,
-            "role": task.role,
+            "task": name, "protocol": "loglik", "metric": "acc", "score": s, "stderr": math.sqrt(s * (1 - s) / 99),
+            "metrics": {"acc": s}, "n": 100, "split": task.split_info("test"), "seed": 0, "model": "m",
+            "adapter": adapter, "chance": task.chance, "role": task.role, "sample_type": task.sample_type,
+            "seconds": 0.0,
         }
-    return {"model": "m", "adapter": adapter, "protocol": "loglik", "split": "test", "tasks": tasks}
+        if outcomes and name in outcomes:  # n and stderr of these questions
+            tasks[name].update(outcomes=outcomes[name], ids_digest="same-questions", n=len(outcomes[name]),
+                               stderr=mean_stderr(outcomes[name]))
+    return EvalResult.from_dict({"model": "m", "adapter": adapter, "protocol": "loglik", "split": "test",
+                                 "limit": None, "seed": 0, "tasks": tasks})
 
 
 def test_forgetting_report_and_writers(tmp_path):
     base = _fake_results({"arc_easy": 0.5, "piqa": 0.6, "openbookqa": 0.3})
     adapted = _fake_results({"arc_easy": 0.45, "piqa": 0.6, "openbookqa": 0.5}, adapter="dir")
     rep = forgetting_report(base, adapted)
-    assert [r["task"] for r in rep["general"]] == ["arc_easy", "piqa"]
-    assert [r["task"] for r in rep["downstream"]] == ["openbookqa"]
-    arc = rep["general"][0]
-    assert arc["delta"] == pytest.approx(-0.05) and arc["retention"] == pytest.approx(0.9)
-    assert arc["delta_stderr"] == pytest.approx(math.hypot(arc["base_stderr"], arc["adapted_stderr"]))
-    assert rep["mean_retention"] == pytest.approx((0.9 + 1.0) / 2)
+    assert [r.task for r in rep.general] == ["arc_easy", "piqa"]
+    assert [r.task for r in rep.downstream] == ["openbookqa"]
+    arc = rep.general[0]
+    assert arc.delta == pytest.approx(-0.05) and arc.retention == pytest.approx(0.9)
+    # results without per-question outcomes: the independent-samples stderr
+    assert arc.delta_stderr == pytest.approx(math.hypot(arc.base_stderr, arc.adapted_stderr))
+    assert rep.mean_retention == pytest.approx((0.9 + 1.0) / 2)
+    assert rep.learned == pytest.approx(0.2) and rep.forgotten == pytest.approx(0.025)
     paths = write_forgetting_report(rep, tmp_path / "rep")
-    assert "| arc_easy | acc | 100 |" in paths["md"].read_text()
+    assert "| arc_easy | acc | 100 | 0.5000 ± 0.0503 | 0.4500 ± 0.0500 | -0.0500 |" in paths["md"].read_text()
     assert json.loads(paths["json"].read_text())["mean_retention"] == pytest.approx(0.95)
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     other = _fake_results({"arc_easy": 0.4})
-    other["tasks"]["arc_easy"]["n"] = 50
+    other.tasks["arc_easy"].n = 50
     with pytest.raises(ValueError, match="differ in n"):
         forgetting_report(base, other)
+
+
+def test_delta_stderr_is_paired_when_both_results_carry_outcomes():
+    """The same 8 questions: the adapted model gains 2 and loses none. Paired: the stderr of the 8
+    differences (0,0,0,0,0,0,1,1), sqrt(var / n) = sqrt((2/8 * 6/8) * 8/7 / 8) = 0.1637; the unpaired formula
+    would add both sides' variances."""
+    before = [1, 1, 1, 0, 0, 0, 0, 0]
+    after = [1, 1, 1, 0, 0, 0, 1, 1]
+    base = _fake_results({"arc_easy": 3 / 8}, outcomes={"arc_easy": [float(x) for x in before]})
+    adapted = _fake_results({"arc_easy": 5 / 8}, outcomes={"arc_easy": [float(x) for x in after]})
+    row = forgetting_report(base, adapted).general[0]
+    assert row.delta_stderr == pytest.approx(0.16366, abs=1e-5)
+    assert row.delta_stderr < math.hypot(row.base_stderr, row.adapted_stderr)
+    adapted.tasks["arc_easy"].ids_digest = "other-questions"  # not the same questions: no pairing
+    assert forgetting_report(base, adapted).general[0].delta_stderr == pytest.approx(
+        math.hypot(row.base_stderr, row.adapted_stderr))
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -253,7 +282,7 @@ def test_cli_parses_the_documented_command_and_writes_json(tiny, tokenizer, tmp_
     )
     assert args.model is None and args.adapter is None and args.batch_size == 16 and args.seed == 0
 
-    monkeypatch.setattr(ev, "load_model_for_eval", lambda *a, **k: (tiny, tokenizer))
+    monkeypatch.setattr(eval_cli, "load_model_for_eval", lambda *a, **k: (tiny, tokenizer))
     out = tmp_path / "results.json"
     args = parser.parse_args(
         ["--tasks", "arc_easy,piqa", "--split", "full", "--limit", "3", "--output", str(out)]

@@ -1,7 +1,8 @@
-"""Training loop: exact resume after SIGKILL, DDP (2 processes, gloo) vs one process, NaN stop, config
-fingerprints, output-dir safety, data order and batching. Tiny random Llama models, so it runs in seconds.
+"""Training (slim_peft.training): arguments and the schedule, the trainer's outputs, gradient accumulation,
+checkpoints (unfinished writes, NaN stop, config fingerprints on resume, output-dir safety), exact resume after
+SIGKILL, and DDP (2 processes, gloo) vs one process. Tiny random Llama models, so it runs in seconds.
 
-Also a script: the tests start it as a child process (``python tests/test_train.py train OUT ...``).
+Also a script: the tests start it as a child process (``python tests/test_training.py train OUT ...``).
 """
 
 from __future__ import annotations
@@ -20,37 +21,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAVED_LLAMA, tiny_llama
 
-from slim_peft.data import IGNORE_INDEX, encode_example, end_of_turn_text
-from slim_peft.errors import ConfigError, DataError, NonFiniteLossError, OutputDirError, ResumeError
+from slim_peft.data import IGNORE_INDEX, TokenizedExample
+from slim_peft.errors import ConfigError, NonFiniteLossError, OutputDirError, ResumeError
 from slim_peft.training import TrainingArguments, read_metrics
 from slim_peft.training.checkpoint import list_checkpoints, resolve_checkpoint
-from slim_peft.training.trainer import (
-    Collator,
-    SeededBatchOrder,
-    TokenizedExample,
-    Trainer,
-    build_scheduler,
-    seed_everything,
-    shard,
-)
+from slim_peft.training.trainer import Trainer, build_scheduler, seed_everything
 
 HERE = Path(__file__).resolve()
 VOCAB = 64
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-
-
-def tiny_llama(vocab_size: int = VOCAB, seed: int = 0):
-    """A 2-layer Llama with hidden size 32, random weights fixed by ``seed``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
 
 
 def tiny_examples(n: int = 64, seed: int = 0) -> list[TokenizedExample]:
@@ -74,7 +57,7 @@ def tiny_adapter_model(method: str = "lora", **overrides):
     if method == "slim":
         cfg.update(num_lora_experts=3, num_identity_experts=1, top_k=2, num_clusters=2)
     cfg.update(overrides)
-    return sp.get_adapter_model(tiny_llama(), sp.config_from_dict(cfg))
+    return sp.get_adapter_model(tiny_llama(vocab_size=VOCAB, **SAVED_LLAMA), sp.config_from_dict(cfg))
 
 
 def tiny_args(out: Path, **kw) -> TrainingArguments:
@@ -100,71 +83,6 @@ def child_env() -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("LOCAL_WORLD_SIZE", None)
     return env
-
-
-# ------------------------------------------------------------------------------- data and batching
-
-
-def test_collator_pads_right_and_carries_sample_type():
-    a = TokenizedExample((5, 6, 7), (IGNORE_INDEX, 7, 2), 0)
-    b = TokenizedExample((5, 6), (IGNORE_INDEX, 2), 1)
-    batch = Collator(pad_token_id=0)([a, b])
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 6, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, 7, 2], [IGNORE_INDEX, 2, IGNORE_INDEX]]
-    assert batch["sample_type"].tolist() == [0, 1]
-
-
-def test_batch_order_is_seeded_restorable_and_sharded():
-    lengths = list(range(5, 45))
-    a = SeededBatchOrder(lengths, batch_size=8, seed=3)
-    b = SeededBatchOrder(lengths, batch_size=8, seed=3)
-    assert a.batches_per_epoch == 5
-    assert a.epoch_batches(0) == b.epoch_batches(0)  # a pure function of (seed, epoch)
-    assert a.epoch_batches(0) != a.epoch_batches(1)
-    assert a.batch_at(1, 3) == b.epoch_batches(1)[3]  # any position can be restored directly
-    flat = sorted(i for batch in a.epoch_batches(0) for i in batch)
-    assert flat == sorted(set(flat)) and len(flat) == 40
-    assert shard(a.batch_at(0, 0), 0, 2) + shard(a.batch_at(0, 0), 1, 2) == a.batch_at(0, 0)
-    g = SeededBatchOrder(lengths, batch_size=8, seed=3, group_by_length=True)
-    spreads = [max(lengths[i] for i in bt) - min(lengths[i] for i in bt) for bt in g.epoch_batches(0)]
-    assert max(spreads) <= 7  # sorted within the mega-batch: neighbours in length
-    with pytest.raises(DataError, match="fewer than one batch"):
-        SeededBatchOrder([3, 4], batch_size=8, seed=0)
-
-
-def make_tiny_tokenizer(texts: list[str] | None = None):
-    """A byte-level BPE tokenizer trained on a few strings, with a ChatML template (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = texts or ["Question: which answer is right? A. yes B. no C. maybe D. never Answer: B"] * 4
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
-                                 unk_token="<unk>", bos_token="<|im_start|>")
-    hf.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return hf
-
-
-def test_encode_labels_only_the_answer_and_end_of_turn():
-    tok = make_tiny_tokenizer()
-    assert end_of_turn_text(tok) == "<|im_end|>"
-    prompt = tok.apply_chat_template([{"role": "user", "content": "which? A. yes B. no"}], tokenize=False,
-                                     add_generation_prompt=True)
-    ex, cut = encode_example(tok, prompt, "B", max_seq_length=256, sample_type=1)
-    assert not cut
-    supervised = [t for t in ex.labels if t != IGNORE_INDEX]
-    assert tok.decode(supervised) == "B<|im_end|>"
-    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
-    assert ex.labels[:n_prompt] == (IGNORE_INDEX,) * n_prompt
-    short, cut = encode_example(tok, prompt, "B", max_seq_length=8)
-    assert cut and len(short) == 8 and short.labels[-2:] == ex.labels[-2:]  # prompt cut from the left
 
 
 # ---------------------------------------------------------------------------------- arguments, schedule
@@ -208,7 +126,9 @@ def test_training_lowers_loss_and_writes_outputs(tmp_path):
                   eval_fn=lambda m: {"answer_tokens": 2.0}).train()
     losses = read_losses(out)
     assert sorted(losses) == list(range(1, 31))
-    assert sum(list(losses.values())[-5:]) < sum(list(losses.values())[:5])
+    curve = [losses[step] for step in range(1, 31)]
+    # the mean of the last 5 steps is 0.20 below that of the first 5 (without learning: 0.0003); half of it
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.1, curve
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-20"]  # save_total_limit=1
     assert (out / "adapter" / "adapter_config.json").exists()
     assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())

@@ -1,4 +1,5 @@
-"""Interop with MoE-PEFT / the `mixlora` package: their adapter layout in and out, same logits."""
+"""integrations/moe_peft.py: MoE-PEFT / the `mixlora` package's adapter layout in and out, with the same logits;
+what their layout cannot hold is refused; weights are read without unpickling code."""
 
 from __future__ import annotations
 
@@ -8,38 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import batch, logits, randomize, tiny_llama
 
 import slim_peft as sp
+from slim_peft.adapters import FFN_PROJ
 from slim_peft.integrations.moe_peft import load_moe_peft, save_moe_peft
 
-VOCAB = 128
 
-
-def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tokens(seed: int = 1, b: int = 2, s: int = 10) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (b, s), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def logits(model, data) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**data).logits
-
-
-def randomize(model: sp.AdapterModel, seed: int = 0) -> None:
-    """Non-zero adapter weights (B starts at zero) so that a wrong key or layout shows in the logits."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+def tokens(seed: int = 1) -> dict[str, torch.Tensor]:
+    """2 rows of 10 random ids, no padding, no labels."""
+    return batch(seed, b=2, s=10, padding=0, labels=False)
 
 
 def moe_peft_mixlora_dir(path: Path, base_dir: Path, hidden: int = 32, ffn: int = 64, layers: int = 2,
@@ -52,7 +31,7 @@ def moe_peft_mixlora_dir(path: Path, base_dir: Path, hidden: int = 32, ffn: int 
     for i in range(layers):
         w[f"mixlora.layers.{i}.mlp.moe_gate.weight"] = torch.randn(E, hidden, generator=g)
         for proj, (d_in, d_out) in dims.items():
-            module = "mlp" if proj in sp.config.FFN_PROJ else "self_attn"
+            module = "mlp" if proj in FFN_PROJ else "self_attn"
             sites = [f".experts.{e}" for e in range(E)] if module == "mlp" else [""]
             for site in sites:
                 key = f"mixlora.layers.{i}.{module}.{proj}{site}"

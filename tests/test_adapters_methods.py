@@ -1,26 +1,32 @@
-"""Baselines on the shared API: MixLoRA (+ Dynamic), LoRAMoE, MoLA, I-LoRA (issue 3)."""
+"""The adapter methods (adapters/methods) against plain references: LoRA and DoRA (merging, stock peft in and
+out), MixLoRA (+ its dynamic top-p form), LoRAMoE, MoLA and I-LoRA; then every method: training lowers the loss,
+save / load gives identical logits, generation, the saved peft_type, merge refusal."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from conftest import VOCAB, batch, greedy, host_reads, logits, randomize, tiny_llama, tiny_qwen2, train_steps
 
 import slim_peft as sp
+from slim_peft.adapters import FFN_PROJ
 from slim_peft.adapters.methods.ilora.layer import ILoraLinear
 from slim_peft.adapters.methods.ilora.model import consistency_loss
 from slim_peft.adapters.methods.ilora.replay import ReplayBuffer, ReplayExample
 from slim_peft.adapters.methods.loramoe.layer import LoraMoeLinear, localized_balance_loss
-from slim_peft.adapters.methods.mixlora.layer import MixLoraFFN, mixlora_balance_loss
+from slim_peft.adapters.methods.mixlora.layer import MixLoraFFN, mixlora_balance_loss, select_experts
 from slim_peft.adapters.methods.mola.layer import MolaLinear, experts_per_layer
-from slim_peft.adapters.methods.slim.layer import FFN_PROJ
-from slim_peft.adapters.modules.routing import top_p_routing
 
-VOCAB = 128
+# the mixture-of-experts methods run on models and batches with a padding token: id 0, its embedding row zero
+padded_llama = partial(tiny_llama, pad_token_id=0)
+padded_qwen2 = partial(tiny_qwen2, pad_token_id=0)
+padded_batch = partial(batch, b=4, low=1, pad_token_id=0, prompt=4)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,53 +37,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-def batch(seed: int = 1, b: int = 4, s: int = 12) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (b, s), generator=g)
-    mask = torch.ones(b, s, dtype=torch.long)
-    mask[1, -3:] = 0  # right padding in the second row
-    ids[mask == 0] = 0
-    labels = ids.clone()
-    labels[:, : s // 3] = -100
-    labels[mask == 0] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def train_steps(model: sp.AdapterModel, steps: int = 20, lr: float = 1e-2, data=None) -> list[float]:
-    model.train()
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=lr)
-    data = data or batch()
-    losses = []
-    for _ in range(steps):
-        loss = model(**data).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        model.after_optimizer_step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
-def logits(model, data) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
 
 
 def hand_ce(model, data) -> torch.Tensor:
@@ -95,13 +54,60 @@ def randomize_lora_b(model: sp.AdapterModel, std: float = 0.05) -> None:
                 p.normal_(0, std)
 
 
+# --- LoRA / DoRA --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config_cls", [sp.LoraConfig, sp.DoraConfig])
+def test_lora_starts_at_base_and_merges(config_cls):
+    base = tiny_llama()
+    data = batch()
+    ref = logits(base, data)
+    model = sp.get_adapter_model(copy.deepcopy(base), config_cls(r=4, lora_alpha=8, lora_dropout=0.0))
+    assert torch.equal(logits(model, data), ref)
+    train_steps(model)
+    adapted = logits(model, data)
+    assert (adapted - ref).abs().max() > 1e-3  # training changed something
+    merged = model.merge_and_unload()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, data), adapted, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("config_cls", [sp.LoraConfig, sp.DoraConfig])
+def test_stock_peft_loads_our_adapter(tmp_path, config_cls):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    data = batch()
+    model = sp.get_adapter_model(copy.deepcopy(base), config_cls(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                 target_modules=["q_proj", "v_proj", "down_proj"]))
+    train_steps(model)
+    ours = logits(model, data)
+    model.save_pretrained(tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits(theirs, data), ours, atol=1e-5, rtol=0)
+
+
+def test_we_load_a_stock_peft_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    data = batch()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                                   target_modules=["k_proj", "up_proj"]))
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft")
+    ours = sp.AdapterModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    assert ours.adapter_config.method == "dora"
+    torch.testing.assert_close(logits(ours, data), logits(pm, data), atol=1e-5, rtol=0)
+
+
 # --- MixLoRA -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dispatch", ["dense", "grouped"])
 def test_mixlora_one_expert_top1_equals_lora_on_ffn(dispatch):
-    lora = sp.get_adapter_model(tiny_llama(), sp.LoraConfig(r=4, lora_dropout=0.0, target_modules=FFN_PROJ))
+    lora = sp.get_adapter_model(padded_llama(), sp.LoraConfig(r=4, lora_dropout=0.0, target_modules=FFN_PROJ))
     randomize_lora_b(lora)
-    mix = sp.get_adapter_model(tiny_llama(), sp.MixLoraConfig(
+    mix = sp.get_adapter_model(padded_llama(), sp.MixLoraConfig(
         r=4, lora_dropout=0.0, target_modules=FFN_PROJ, num_experts=1, top_k=1, dispatch=dispatch))
     with torch.no_grad():
         for layer in range(2):
@@ -112,9 +118,9 @@ def test_mixlora_one_expert_top1_equals_lora_on_ffn(dispatch):
                 bank = getattr(ffn, proj).experts
                 bank.lora_A[0].copy_(getattr(plain, proj).lora_A.weight)
                 bank.lora_B[0].copy_(getattr(plain, proj).lora_B.weight)
-    data = batch()
+    data = padded_batch()
     ref, got = logits(lora, data), logits(mix, data)
-    assert not torch.allclose(ref, logits(sp.get_adapter_model(tiny_llama(), sp.LoraConfig(
+    assert not torch.allclose(ref, logits(sp.get_adapter_model(padded_llama(), sp.LoraConfig(
         r=4, target_modules=FFN_PROJ)), data), atol=1e-3)  # the LoRA update is not negligible
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
@@ -138,8 +144,8 @@ def test_mixlora_balance_loss_equals_hand_computed_value():
 
 def test_mixlora_balance_loss_is_computed_once_over_all_layers_and_added_to_the_loss():
     cfg = sp.MixLoraConfig(r=4, num_experts=4, top_k=2, lora_dropout=0.0, router_aux_loss_coef=0.01)
-    model = sp.get_adapter_model(tiny_llama(), cfg)
-    data = batch()
+    model = sp.get_adapter_model(padded_llama(), cfg)
+    data = padded_batch()
     out = model(**data)
     ctx = model.ctx
     assert len(ctx.router_logits) == 2  # one per layer, concatenated by the loss
@@ -148,22 +154,6 @@ def test_mixlora_balance_loss_is_computed_once_over_all_layers_and_added_to_the_
     with torch.no_grad():
         ce = hand_ce(model, data)
     assert out.loss.item() == pytest.approx(ce.item() + 0.01 * expected.item(), abs=1e-5)
-
-
-def test_top_p_selects_the_minimal_expert_set_reaching_p():
-    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
-    for p, kept in [(0.4, {1}), (0.75, {1, 3}), (0.85, {1, 3, 0}), (0.99, {0, 1, 2, 3})]:
-        idx, w = top_p_routing(probs.log(), p)
-        assert {int(i) for i, wi in zip(idx[0], w[0], strict=True) if wi > 0} == kept
-        torch.testing.assert_close(w[w > 0].sum(), probs[0, sorted(kept)].sum())  # not renormalised
-    logits = torch.randn(200, 6, generator=torch.Generator().manual_seed(0)) * 2
-    for p in (0.3, 0.6, 0.8, 0.95):
-        _, w = top_p_routing(logits, p)
-        kept_mass = w.sum(-1)
-        smallest = torch.where(w > 0, w, torch.full_like(w, 2.0)).amin(-1)
-        assert (kept_mass >= p - 1e-6).all()  # reaches p
-        assert (kept_mass - smallest < p).all()  # dropping the smallest kept expert falls short: minimal
-        assert ((w > 0).sum(-1) >= 1).all()
 
 
 def reference_mixlora_ffn(ffn: MixLoraFFN, h: torch.Tensor, top_p: float | None, top_k: int) -> torch.Tensor:
@@ -189,7 +179,7 @@ def reference_mixlora_ffn(ffn: MixLoraFFN, h: torch.Tensor, top_p: float | None,
 @pytest.mark.parametrize("top_p", [None, 0.8])
 def test_mixlora_ffn_matches_a_per_token_reference(top_p):
     cfg = sp.MixLoraConfig(r=4, num_experts=4, top_k=2, top_p=top_p, lora_dropout=0.0, router_init_std=0.5)
-    model = sp.get_adapter_model(tiny_llama(), cfg)
+    model = sp.get_adapter_model(padded_llama(), cfg)
     randomize_lora_b(model)
     ffn = model.base_model.model.layers[0].mlp
     h = torch.randn(10, 32, generator=torch.Generator().manual_seed(3))
@@ -200,7 +190,7 @@ def test_mixlora_ffn_matches_a_per_token_reference(top_p):
 
 
 def test_mixlora_saved_keys_and_generation_with_cache(tmp_path):
-    model = sp.get_adapter_model(tiny_llama(), sp.MixLoraConfig(r=4, num_experts=4, top_k=2))
+    model = sp.get_adapter_model(padded_llama(), sp.MixLoraConfig(r=4, num_experts=4, top_k=2))
     keys = set(model.adapter_state_dict())
     p = "base_model.model.model.layers.0."
     assert {p + "mlp.router.weight", p + "mlp.gate_proj.experts.lora_A", p + "mlp.down_proj.experts.lora_B",
@@ -208,7 +198,7 @@ def test_mixlora_saved_keys_and_generation_with_cache(tmp_path):
     assert not any("base_layer" in k for k in keys)
     randomize_lora_b(model)
     model.eval()
-    ids = batch()["input_ids"][:2, :6]
+    ids = padded_batch()["input_ids"][:2, :6]
     with torch.no_grad():
         cached = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, use_cache=True)
         uncached = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, use_cache=False)
@@ -218,15 +208,74 @@ def test_mixlora_saved_keys_and_generation_with_cache(tmp_path):
 
 
 def test_mixlora_works_on_qwen2(tmp_path):
-    model = sp.get_adapter_model(tiny_qwen2(), sp.MixLoraConfig(r=4, num_experts=4, top_k=2))
-    losses = train_steps(model, steps=10)
-    assert losses[-1] < losses[0]
-    data = batch()
+    model = sp.get_adapter_model(padded_qwen2(), sp.MixLoraConfig(r=4, num_experts=4, top_k=2))
+    losses = train_steps(model, steps=10, data=padded_batch())
+    assert losses[-1] < losses[0] - 0.18, losses  # about half of the 0.37 it reaches
+    data = padded_batch()
     model.save_pretrained(tmp_path / "a")
-    loaded = sp.AdapterModel.from_pretrained(tiny_qwen2(), tmp_path / "a").eval()
+    loaded = sp.AdapterModel.from_pretrained(padded_qwen2(), tmp_path / "a").eval()
     torch.testing.assert_close(logits(loaded, data), logits(model, data), atol=0, rtol=0)
-    out = loaded.generate(input_ids=data["input_ids"][:1, :5], max_new_tokens=5, do_sample=False)
+    prompt = data["input_ids"][:1, :5]
+    out = loaded.generate(input_ids=prompt, max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 10)
+    assert torch.equal(out, greedy(loaded, prompt, 5))
+
+
+def mixlora_ffn_reference(ffn: MixLoraFFN, x: torch.Tensor) -> torch.Tensor:
+    """MixLoRA by its definition: each selected expert is a whole FFN (frozen W + its LoRA on gate, up and
+    down), outputs summed with the routing weights; a Python loop over tokens and experts."""
+    idx, weights = select_experts(ffn.router(x), ffn.cfg.top_k, ffn.cfg.top_p)
+
+    def proj(name, e, v):
+        p = getattr(ffn, name)
+        bank = p.experts
+        return p.base_layer(v) + p.scaling * (v @ bank.lora_A[e].t()) @ bank.lora_B[e].t()
+    rows = []
+    for t in range(x.shape[0]):
+        y = torch.zeros(x.shape[1])
+        for e, w in zip(idx[t].tolist(), weights[t], strict=True):
+            if w > 0:
+                act = ffn.act_fn(proj("gate_proj", e, x[t])) * proj("up_proj", e, x[t])
+                y = y + w * proj("down_proj", e, act)
+        rows.append(y)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("top_p", [None, 0.6])
+def test_mixlora_ffn_equals_the_per_expert_ffns_in_both_dispatch_paths(top_p):
+    model = sp.get_adapter_model(tiny_llama(hidden=32), sp.MixLoraConfig(r=4, num_experts=4, top_p=top_p))
+    randomize(model)
+    model.eval()  # no LoRA dropout
+    ffn = next(m for m in model.modules() if isinstance(m, MixLoraFFN))
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        want = mixlora_ffn_reference(ffn, x)
+    grads = {}
+    for dispatch in ("grouped", "dense"):
+        ffn.cfg.dispatch = dispatch
+        with torch.no_grad():  # the in-place inference path
+            torch.testing.assert_close(ffn(x), want, atol=1e-5, rtol=1e-4)
+        xg = x.clone().requires_grad_()
+        got = ffn(xg)
+        torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=1e-4)
+        got.square().sum().backward()
+        grads[dispatch] = [xg.grad] + [p.grad.clone() for p in ffn.parameters() if p.requires_grad]
+        ffn.zero_grad()
+    for a, b in zip(grads["grouped"], grads["dense"], strict=True):
+        # the two paths sum in different orders; where a gradient element is a near-cancellation of large terms,
+        # fp32 rounding is relative to the tensor's scale, not the element's (both are equally far from float64)
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
+
+
+def test_mixlora_ffn_reads_nothing_back_to_the_host(monkeypatch):
+    model = sp.get_adapter_model(tiny_llama(hidden=32), sp.MixLoraConfig(r=4, num_experts=4))
+    randomize(model)
+    ffn = next(m for m in model.modules() if isinstance(m, MixLoraFFN))
+    x = torch.randn(20, 32, requires_grad=True)
+    ffn(x)  # first call probes _grouped_mm once
+    with host_reads(monkeypatch) as reads:
+        ffn(x).sum().backward()
+    assert reads.count == 0
 
 
 # --- LoRAMoE -------------------------------------------------------------------------------------------
@@ -239,7 +288,7 @@ def test_loramoe_balance_loss_equals_hand_computed_value():
     # Q = [[1.3, 0.2], [0.7, 0.8]]; I = [[1.1, 0.9], [0.9, 1.1]]; Z = [1.43, 0.18, 0.63, 0.88]
     z = torch.tensor([1.43, 0.18, 0.63, 0.88], dtype=torch.float64)
     mean = z.mean().item()
-    var = ((z - z.mean()) ** 2).sum().item() / 3  # unbiased, as the official cv_squared (torch.var)
+    var = ((z - z.mean()) ** 2).sum().item() / 3  # the unbiased variance (n - 1 = 3), as torch.var computes it
     assert mean == pytest.approx(0.78) and var == pytest.approx(0.815 / 3)
     paper = localized_balance_loss(gates, mask, types, delta=0.1, form="paper")
     code = localized_balance_loss(gates, mask, types, delta=0.1, form="code")
@@ -253,11 +302,11 @@ def test_loramoe_balance_loss_equals_hand_computed_value():
 
 def test_loramoe_balance_loss_in_the_model_sums_over_linears_and_layers():
     cfg = sp.LoraMoeConfig(r=4, num_experts=4, lora_dropout=0.0, lbc_alpha=0.1, lbc_weight=0.1)
-    model = sp.get_adapter_model(tiny_llama(), cfg)
+    model = sp.get_adapter_model(padded_llama(), cfg)
     inputs = {}
     hooks = [m.register_forward_hook(lambda mod, args, out: inputs.__setitem__(mod, args[0]))
              for m in model.modules() if isinstance(m, LoraMoeLinear)]
-    data = batch()
+    data = padded_batch()
     types = torch.tensor([0, 1, 1, 0])
     out = model(**data, sample_type=types)
     for h in hooks:
@@ -274,9 +323,9 @@ def test_loramoe_balance_loss_in_the_model_sums_over_linears_and_layers():
 
 def test_loramoe_balance_loss_is_zero_when_its_weight_is_zero():
     cfg = sp.LoraMoeConfig(r=4, num_experts=4, lora_dropout=0.0, lbc_weight=0.0)
-    model = sp.get_adapter_model(tiny_llama(), cfg)
+    model = sp.get_adapter_model(padded_llama(), cfg)
     randomize_lora_b(model)
-    data = batch()
+    data = padded_batch()
     out = model(**data, sample_type=torch.tensor([0, 1, 1, 0]))
     with torch.no_grad():
         ce = hand_ce(model, data)
@@ -285,10 +334,10 @@ def test_loramoe_balance_loss_is_zero_when_its_weight_is_zero():
 
 def test_loramoe_gradients_reach_every_expert():
     cfg = sp.LoraMoeConfig(r=4, num_experts=4, lora_dropout=0.0)
-    model = sp.get_adapter_model(tiny_llama(), cfg)
+    model = sp.get_adapter_model(padded_llama(), cfg)
     randomize_lora_b(model)
     model.train()
-    model(**batch()).loss.backward()
+    model(**padded_batch()).loss.backward()
     layers = [m for m in model.modules() if isinstance(m, LoraMoeLinear)]
     assert len(layers) == 6
     for layer in layers:
@@ -303,7 +352,7 @@ def test_loramoe_gradients_reach_every_expert():
                                           ("2,4,6,8", [2, 4, 6, 8]), ("3", [3, 3, 3, 3])])
 def test_mola_creates_the_configured_number_of_experts_in_each_layer(spec, counts):
     cfg = sp.MolaConfig(r=2, experts_per_layer=spec, top_k=1)
-    model = sp.get_adapter_model(tiny_llama(layers=4), cfg)
+    model = sp.get_adapter_model(padded_llama(layers=4), cfg)
     found: dict[int, set[int]] = {}
     for name, m in model.base_model.named_modules():
         if isinstance(m, MolaLinear):
@@ -319,15 +368,15 @@ def test_mola_allocation_over_unequal_groups_and_errors():
     assert counts[0] == 2 and counts[-1] == 8 and sorted(counts) == counts
     assert [counts.count(c) for c in (2, 4, 6, 8)] == [8, 7, 8, 7]
     with pytest.raises(sp.ConfigError, match="experts_per_layer has 4 entries"):
-        sp.get_adapter_model(tiny_llama(layers=2), sp.MolaConfig(experts_per_layer="2,4,6,8"))
+        sp.get_adapter_model(padded_llama(layers=2), sp.MolaConfig(experts_per_layer="2,4,6,8"))
 
 
 def test_mola_balance_loss_is_off_by_default_and_optional():
-    data = batch()
-    model = sp.get_adapter_model(tiny_llama(), sp.MolaConfig(r=2, experts_per_layer="2,4"))
+    data = padded_batch()
+    model = sp.get_adapter_model(padded_llama(), sp.MolaConfig(r=2, experts_per_layer="2,4"))
     model(**data)
     assert "balance" not in model.aux_losses()
-    model = sp.get_adapter_model(tiny_llama(), sp.MolaConfig(r=2, experts_per_layer="2,4",
+    model = sp.get_adapter_model(padded_llama(), sp.MolaConfig(r=2, experts_per_layer="2,4",
                                                              router_aux_loss_coef=0.001))
     model(**data)
     value = model.aux_losses()["balance"].item()
@@ -342,12 +391,12 @@ def ilora_layers(model) -> list[ILoraLinear]:
 
 def test_ilora_slow_weights_follow_the_ema_formula():
     cfg = sp.ILoraConfig(r=4, lora_dropout=0.0, ema_alpha=0.6, consistency_weight=1.0)
-    model = sp.get_adapter_model(tiny_llama(), cfg)
+    model = sp.get_adapter_model(padded_llama(), cfg)
     layer = ilora_layers(model)[0]
     expected_a, expected_b = layer.slow_lora_A.clone(), layer.slow_lora_B.clone()
     model.train()
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    data = batch()
+    data = padded_batch()
     for step in range(5):
         model(**data).loss.backward()
         opt.step()
@@ -382,9 +431,9 @@ def test_replay_buffer_keeps_its_capacity_and_samples_uniformly():
 
 def test_ilora_replay_mixes_half_of_the_loss():
     cfg = sp.ILoraConfig(r=4, lora_dropout=0.0, consistency_weight=0.0, replay_capacity=6)
-    model = sp.get_adapter_model(tiny_llama(), cfg)
+    model = sp.get_adapter_model(padded_llama(), cfg)
     model.train()
-    first, second = batch(seed=1), batch(seed=2)
+    first, second = padded_batch(seed=1), padded_batch(seed=2)
     out = model(**first)
     assert model.last_replay is None  # nothing stored before the first step
     with torch.no_grad():
@@ -410,13 +459,13 @@ def test_ilora_consistency_loss_penalises_only_where_fast_is_below_slow():
 
 def test_ilora_previous_tasks_rule_replays_only_earlier_tasks():
     cfg = sp.ILoraConfig(r=4, lora_dropout=0.0, replay_from="previous_tasks")
-    model = sp.get_adapter_model(tiny_llama(), cfg)
+    model = sp.get_adapter_model(padded_llama(), cfg)
     model.train()
-    model(**batch(seed=1))
-    model(**batch(seed=2))
+    model(**padded_batch(seed=1))
+    model(**padded_batch(seed=2))
     assert model.last_replay is None  # first task: no replay
     assert model.start_task() == 1
-    task1 = batch(seed=3)
+    task1 = padded_batch(seed=3)
     out = model(**task1)
     assert model.last_replay is not None and "consistency" in model.aux_losses()
     out.loss.backward()
@@ -428,9 +477,9 @@ def test_ilora_previous_tasks_rule_replays_only_earlier_tasks():
 
 def test_ilora_evaluates_and_merges_with_the_slow_learner():
     cfg = sp.ILoraConfig(r=4, lora_dropout=0.0, ema_alpha=0.9)
-    model = sp.get_adapter_model(tiny_llama(), cfg)
-    train_steps(model, steps=6)
-    data = batch()
+    model = sp.get_adapter_model(padded_llama(), cfg)
+    train_steps(model, steps=6, data=padded_batch())
+    data = padded_batch()
     evaluated = logits(model, data)
     with model.use_learner("slow"):
         slow = logits(model, data)
@@ -451,24 +500,26 @@ METHOD_CONFIGS = {
     "mola": lambda: sp.MolaConfig(r=4, experts_per_layer="2,4"),
     "ilora": lambda: sp.ILoraConfig(r=8, target_modules="all-linear"),  # attention-only r=4 learns too slowly
 }
+# how far the loss must fall in 20 steps: about half of what each method reaches (0.41, 0.50, 0.60, 0.48, 0.35)
+LOSS_DROP = {"mixlora": 0.2, "mixlora-dynamic": 0.25, "loramoe": 0.3, "mola": 0.24, "ilora": 0.17}
 PEFT_TYPES = {"mixlora": "MIXLORA", "loramoe": "LORAMOE", "mola": "MOLA", "ilora": "ILORA"}
 
 
 @pytest.mark.parametrize("name", sorted(METHOD_CONFIGS))
 def test_training_lowers_the_loss_and_save_load_gives_identical_logits(name, tmp_path):
     cfg = METHOD_CONFIGS[name]()
-    model = sp.get_adapter_model(tiny_llama(), cfg)
-    data = batch()
-    base_logits = logits(tiny_llama(), data)
+    model = sp.get_adapter_model(padded_llama(), cfg)
+    data = padded_batch()
+    base_logits = logits(padded_llama(), data)
     losses = train_steps(model, steps=20, lr=1e-2, data=data)
-    assert losses[-1] < losses[0] - 0.2, losses
+    assert losses[-1] < losses[0] - LOSS_DROP[name], losses
     assert all(math.isfinite(v) for v in losses)
     trained = logits(model, data)
     assert not torch.allclose(trained, base_logits, atol=1e-3)
     model.save_pretrained(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == PEFT_TYPES[cfg.method]
-    loaded = sp.AdapterModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
+    loaded = sp.AdapterModel.from_pretrained(padded_llama(), tmp_path / "adapter").eval()
     assert type(loaded) is type(model)
     torch.testing.assert_close(logits(loaded, data), trained, atol=0, rtol=0)
     ids, mask = data["input_ids"][:2, :6], data["attention_mask"][:2, :6]
@@ -476,8 +527,11 @@ def test_training_lowers_the_loss_and_save_load_gives_identical_logits(name, tmp
         out = loaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5,
                               do_sample=False, use_cache=True)
     assert out.shape == (2, 11)
+    eos = loaded.base_model.config.eos_token_id  # min_new_tokens keeps it out
+    assert torch.equal(out, greedy(loaded, ids, 5, banned=(eos,)))
     if cfg.method == "ilora":
-        loaded.merge_and_unload()  # allowed: folds the slow learner
+        merged = loaded.merge_and_unload()  # allowed: folds the slow learner, which it evaluates with
+        torch.testing.assert_close(logits(merged, data), trained, atol=1e-5, rtol=1e-5)
     else:
         with pytest.raises(sp.AdapterError, match="depends on the input and cannot be folded"):
             loaded.merge_and_unload()
