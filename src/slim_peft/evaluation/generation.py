@@ -62,3 +62,29 @@ def extract_answer(text: str) -> str:
     return numbers[-1] if numbers else text.strip()
 
 
+
+
+def generate_text(model: Any, tokenizer: Any, prompt: str, *, chat: bool = True, max_new_tokens: int = 64,
+                  temperature: float = 0.0, top_p: float = 0.95, seed: int = 0) -> str:
+    """One continuation of `prompt` (in the tokenizer's chat template unless `chat` is False): greedy at
+    temperature 0, else nucleus sampling seeded by `seed`."""
+    text = prompt
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    ids = torch.tensor([encode_text(tokenizer, text)], device=_model_device(model))
+    torch.manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": int(pad if pad is not None else 0)}
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
