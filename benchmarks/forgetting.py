@@ -1,4 +1,4 @@
-"""Learn-vs-forget study of every method on SmolLM2-135M-Instruct (issue 6).
+"""Learn-vs-forget study of every method on SmolLM2-135M-Instruct.
 
 Each method is fine-tuned on MDS (OpenBookQA + SocialIQA + BoolQ train splits mixed, letter format, loss on the
 answer only) with the same data, steps, batch and schedule; only the learning rate differs (each method's paper

@@ -1,4 +1,4 @@
-"""Speed benchmark (issue 7): what the mixtures cost against LoRA, the base model and the peer implementation.
+"""Speed benchmark: what the mixtures cost against LoRA, the base model and the peer implementation.
 
 On the embedded SmolLM2-135M-Instruct (fp32), batch 8 x 128 tokens, it measures, as ratios:
 

@@ -6,7 +6,7 @@ of the real Trainer under torch.profiler, with the self CPU time per op kind (ma
 random, other), the top ops by (name, input shapes), the minor page faults and the kernel (system) time of the
 step. Then the heaviest matmul and elementwise shapes are timed alone in the same process (fp32, and bf16 for
 the matmul): ratio = in-step time per call / isolated time per call. This is the evidence for where the study's
-per-step cost (issue 6, item 5) can still come down.
+per-step cost can still come down.
 
     python benchmarks/step_profile.py                       # writes benchmarks/results/step_profile.md
     python benchmarks/step_profile.py --runs slim:exact_merge --steps 1
