@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import slim_peft as sp
 from slim_peft.data import IGNORE_INDEX, TokenizedExample
+from slim_peft.errors import ResumeError
 from slim_peft.training import Trainer, TrainingArguments, list_checkpoints, seed_everything
 from slim_peft.training.checkpoint import load_method_state, load_rng_state, save_method_state, save_rng_state
 
@@ -109,3 +110,12 @@ class _Stop(Exception):
 def _stop_at(trainer: Trainer, step: int) -> None:
     if trainer.state.global_step == step:
         raise _Stop(f"stopped at step {step}")
+
+
+def test_a_checkpoint_with_pickled_state_is_refused_not_unpickled(tmp_path):
+    data = examples()
+    Trainer(ilora_model(), args(tmp_path / "run"), data).train()  # 6 steps, a checkpoint at step 3
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    (ckpt / "extra_state.pt").write_bytes(b"not to be unpickled")  # what older checkpoints held
+    with pytest.raises(ResumeError, match="no longer unpickled"):
+        Trainer(ilora_model(), args(tmp_path / "run", resume_from_checkpoint="latest"), data).train()

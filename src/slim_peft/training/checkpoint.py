@@ -289,6 +289,9 @@ def load_checkpoint(acc: Any, ckpt: Path, fresh: TrainerState, wrapped: nn.Modul
                     scheduler: Any) -> TrainerState:
     """Restore a checkpoint written by :func:`save_checkpoint` into model, optimizer, scheduler and RNG
     streams; refuses one written by another configuration (naming each difference)."""
+    if (ckpt / "rng_state_0.pt").exists() or (ckpt / "extra_state.pt").exists():
+        raise ResumeError(f"checkpoint {ckpt} was written by slim-peft before 0.1.0's redesign (pickled RNG and "
+                          f"method state, which are no longer unpickled); start a new --output_dir")
     saved = json.loads((ckpt / STATE_FILE).read_text())
     if saved.get("config_hash") != fresh.config_hash:
         diffs = diff_configs(saved.get("config", {}), fresh.config)
