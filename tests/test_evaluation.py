@@ -17,6 +17,7 @@ import slim_peft.evaluation as ev
 import slim_peft.evaluation.protocols as protocols
 from slim_peft.cli.eval import add_arguments as add_eval_arguments
 from slim_peft.cli.eval import command as eval_command
+from slim_peft.cli.main import main as cli_main
 from slim_peft.evaluation import (
     EvalResult,
     encode_pair,
@@ -267,7 +268,7 @@ def test_delta_stderr_is_paired_when_both_results_carry_outcomes():
 
 
 # ----------------------------------------------------------------------------------------- CLI
-def test_cli_parses_the_documented_command_and_writes_json(tiny, tokenizer, tmp_path, monkeypatch):
+def test_cli_parses_the_documented_command_and_writes_json(tiny, tokenizer, tmp_path, monkeypatch, capsys):
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
     args = parser.parse_args(
@@ -291,5 +292,5 @@ def test_cli_parses_the_documented_command_and_writes_json(tiny, tokenizer, tmp_
     res = json.loads(out.read_text())
     assert set(res["tasks"]) == {"arc_easy", "piqa"} and res["tasks"]["piqa"]["n"] == 3
     assert res["split"] == "full" and res["limit"] == 3 and res["protocol"] == "loglik"
-    bad = parser.parse_args(["--tasks", "nope"])
-    assert eval_command(bad) == 2
+    assert cli_main(["eval", "--tasks", "nope"]) == 2  # the CLI's one error handler: a line, exit status 2
+    assert "unknown task 'nope'" in capsys.readouterr().err

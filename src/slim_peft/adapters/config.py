@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slim_peft.errors import ConfigError, closest  # noqa: F401  (closest: re-exported)
+from slim_peft.errors import ConfigError
 
 ATTENTION_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FFN_PROJ = ["gate_proj", "up_proj", "down_proj"]

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from slim_peft.errors import ConfigError
+from slim_peft.errors import ConfigError, closest
 
-from .config import AdapterConfig, closest
+from .config import AdapterConfig
 from .context import ForwardContext
 
 AuxLosses = dict[str, tuple[torch.Tensor, float]]
@@ -78,17 +78,13 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[name]
 
 
-def config_class(name: str) -> type[AdapterConfig]:
-    return get_method(name).config_class
-
-
 def config_from_dict(d: dict[str, Any]) -> AdapterConfig:
     """Build the config of ``d["method"]`` from a dict (e.g. a YAML section); unknown keys are an error."""
     d = dict(d)
     method = d.pop("method", None)
     if method is None:
         raise ConfigError(f"config has no 'method' key: choose one of {method_names()}")
-    cls = config_class(method)
+    cls = get_method(method).config_class
     valid = {f.name for f in dataclasses.fields(cls)}
     for key in d:
         if key not in valid:

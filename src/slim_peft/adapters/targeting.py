@@ -6,9 +6,7 @@ import re
 
 from torch import nn
 
-from slim_peft.errors import TargetModuleError
-
-from .config import closest
+from slim_peft.errors import TargetModuleError, closest
 
 
 def linear_names(model: nn.Module) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,26 +88,10 @@ def load_model_for_eval(
 
 def command(args: argparse.Namespace) -> int:
     """``slim-peft eval``: evaluate, print a table, write the JSON (and a forgetting report)."""
-    try:
-        model, tokenizer = load_model_for_eval(args.model, args.adapter, args.dtype, args.device)
-        results = evaluate(
-            model,
-            tokenizer,
-            args.tasks,
-            protocol=args.protocol,
-            split=args.split,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            test_fraction=args.test_fraction,
-            pack=not args.no_pack,
-            log_samples=args.log_samples,
-            adapter=args.adapter,
-            progress=True,
-        )
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        print(f"slim-peft eval: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_model_for_eval(args.model, args.adapter, args.dtype, args.device)
+    results = evaluate(model, tokenizer, args.tasks, protocol=args.protocol, split=args.split, limit=args.limit,
+                       batch_size=args.batch_size, seed=args.seed, test_fraction=args.test_fraction,
+                       pack=not args.no_pack, log_samples=args.log_samples, adapter=args.adapter, progress=True)
     print(results_table(results))
     print(f"total {results.seconds:.1f} s")
     if args.output:

@@ -11,7 +11,8 @@ from typing import Any
 
 from slim_peft.data import build_task_examples
 from slim_peft.evaluation import evaluate
-from slim_peft.experiments.setup import attach_adapter, load_base, pad_id, register_tasks
+from slim_peft.experiments.setup import attach_adapter, load_base, register_tasks
+from slim_peft.tasks import pad_token_id
 from slim_peft.training import Trainer, seed_everything
 from slim_peft.training.job import load_yaml_config, parse_overrides, split_config, write_effective_config
 
@@ -56,7 +57,8 @@ def command(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
     run_config = {"model": data.model_name_or_path, "tasks": tasks, "train_split": data.train_split,
                   "max_train_samples": data.max_train_samples}
-    trainer = Trainer(model, targs, examples, pad_token_id=pad_id(tokenizer), eval_fn=eval_fn, run_config=run_config)
+    trainer = Trainer(model, targs, examples, pad_token_id=pad_token_id(tokenizer), eval_fn=eval_fn,
+                      run_config=run_config)
     out = trainer.train()
     if is_main():
         write_effective_config(Path(out.run_dir) / "config.yaml", targs, data, adapter_cfg)

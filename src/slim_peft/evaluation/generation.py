@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from slim_peft.tasks import encode_text
+from slim_peft.tasks import encode_text, pad_token_id
 
 from .scorer import _model_device
 
@@ -22,7 +22,7 @@ def generate_greedy(
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded batches sorted by length), cut at ``stop``."""
     encoded = [encode_text(tokenizer, p) for p in prompts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     device = _model_device(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     out = [""] * len(prompts)
@@ -74,8 +74,7 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, *, chat: bool = True,
                                              add_generation_prompt=True)
     ids = torch.tensor([encode_text(tokenizer, text)], device=_model_device(model))
     torch.manual_seed(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": int(pad if pad is not None else 0)}
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_token_id(tokenizer)}
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:

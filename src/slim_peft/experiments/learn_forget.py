@@ -19,6 +19,7 @@ from slim_peft.assets import EMBEDDED_MODEL
 from slim_peft.data import build_task_examples
 from slim_peft.evaluation import EvalResult, LearnForgetReport, evaluate, forgetting_report
 from slim_peft.reporting import write_run_report
+from slim_peft.tasks import pad_token_id
 from slim_peft.training import (
     Trainer,
     TrainingArguments,
@@ -29,7 +30,7 @@ from slim_peft.training import (
 )
 from slim_peft.training.job import DataArguments, write_effective_config
 
-from .setup import attach_adapter, load_base, pad_id, register_tasks
+from .setup import attach_adapter, load_base, register_tasks
 
 DEFAULT_TASKS = ("openbookqa", "social_iqa", "boolq")
 # General suite of `run`: cloze probes the embedded model answers clearly above chance before fine-tuning
@@ -175,7 +176,8 @@ def train_adapter(model: Any, tokenizer: Any, examples: list, args: TrainingArgu
                   on_trainer: Callable[[Trainer], None] | None = None) -> TrainedAdapter:
     """Train an adapter model (already seeded and built) on tokenised examples, timed. `on_trainer` sees the
     trainer before it starts (an `eval_fn` that reads the step needs it)."""
-    trainer = Trainer(model, args, examples, pad_token_id=pad_id(tokenizer), eval_fn=eval_fn, run_config=run_config)
+    trainer = Trainer(model, args, examples, pad_token_id=pad_token_id(tokenizer), eval_fn=eval_fn,
+                      run_config=run_config)
     if on_trainer is not None:
         on_trainer(trainer)
     t0, c0 = time.perf_counter(), time.process_time()

@@ -44,7 +44,3 @@ def load_base(name: str) -> tuple[Any, Any]:
 
 
 
-
-def pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad if pad is not None else 0)

@@ -59,11 +59,6 @@ def identity_share_per_layer(routing_stats: dict[str, Any] | None) -> dict[int, 
     return {layer: weight[layer] / tokens[layer] for layer in sorted(weight)}
 
 
-def learn_forget(report: LearnForgetReport) -> tuple[float | None, float | None]:
-    """(learned, forgotten): the mean downstream gain and the mean drop on general tasks (points)."""
-    return report.learned, report.forgotten
-
-
 # ---------------------------------------------------------------------------------------------- plots
 
 
@@ -128,7 +123,7 @@ def plot_learn_vs_forget(report: LearnForgetReport, path: str | Path, label: str
     ax.legend(fontsize=8)
 
     points = dict(others or {})
-    learned, forgot = learn_forget(report)
+    learned, forgot = report.learned, report.forgotten
     if learned is not None and forgot is not None:
         points[label] = (learned, forgot)
     for name, (lx, fy) in points.items():
@@ -191,7 +186,7 @@ def learn_forget_table(report: LearnForgetReport) -> str:
             se = r.delta_stderr
             lines.append(f"| {r.task} | {kind} | {r.metric} | {r.n} | {r.base:.3f} | {r.adapted:.3f} "
                          f"| {r.delta:+.3f} | {'-' if se is None else f'{se:.3f}'} |")
-    learned, forgot = learn_forget(report)
+    learned, forgot = report.learned, report.forgotten
     if learned is not None:
         lines.append(f"| **mean downstream** | learn | | | | | **{learned:+.3f}** | |")
     if forgot is not None:

@@ -22,6 +22,7 @@ from slim_peft.tasks.formats import (
     letter_prompt,
     letter_target,
     letters,
+    pad_token_id,
 )
 from slim_peft.tasks.registry import GENERAL_SUITE, find_task, get_task, list_tasks, register_task
 from slim_peft.tasks.types import (
@@ -65,7 +66,7 @@ __all__ = [
     "in_test",
     "letter_prompt",
     "letter_target",
-    "letters",
+    "letters", "pad_token_id",
     "list_tasks",
     "mmlu_description",
     "read_jsonl_rows",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from slim_peft.tasks.registry import find_task
 from slim_peft.tasks.types import LETTERS, Example
 
 DEFAULT_LETTER_INSTRUCTION = "Answer with the option's letter from the given choices."
@@ -70,9 +71,13 @@ def encode_prompt_target(tokenizer: Any, prompt: str, target: str) -> tuple[list
     return whole[:n_prompt], whole[n_prompt:]
 
 
-def _task_instruction(task: str) -> str:
-    from slim_peft.tasks.registry import find_task
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS token, else 0."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad if pad is not None else 0)
 
+
+def _task_instruction(task: str) -> str:
     found = find_task(task)
     if found is not None and found.letter_instruction:
         return found.letter_instruction
