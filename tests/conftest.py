@@ -57,6 +57,24 @@ def tiny_qwen2(seed: int = 0, *, vocab_size: int = VOCAB, **config):
     return Qwen2ForCausalLM(cfg).eval()
 
 
+def method_configs(**common):
+    """One small config per method (and per routing variant), fresh on every call: name -> AdapterConfig.
+    `common`: fields every config takes (e.g. `r=4`, `lora_dropout=0.1`)."""
+    import slim_peft as sp
+
+    return {
+        "lora": sp.LoraConfig(**common),
+        "dora": sp.DoraConfig(**common),
+        "slim": sp.SlimConfig(**common),
+        "slim-linear-routing": sp.SlimConfig(routing="linear", target_modules="all-linear", **common),
+        "mixlora": sp.MixLoraConfig(num_experts=4, **common),
+        "mixlora-dynamic": sp.MixLoraConfig(num_experts=4, top_p=0.8, **common),
+        "loramoe": sp.LoraMoeConfig(num_experts=4, **common),
+        "mola": sp.MolaConfig(experts_per_layer="2,4", **common),
+        "ilora": sp.ILoraConfig(**common),
+    }
+
+
 # ------------------------------------------------------------------------------------------------ batches
 
 

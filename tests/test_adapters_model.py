@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from conftest import VOCAB, batch, greedy, logits, randomize, tiny_llama, tiny_qwen2, train_steps
+from conftest import VOCAB, batch, greedy, logits, method_configs, randomize, tiny_llama, tiny_qwen2, train_steps
 
 import slim_peft as sp
 from slim_peft.adapters.model import CACHE_FIELD
@@ -72,17 +72,7 @@ def test_qwen2_slim_and_lora_and_generation():
         assert torch.equal(out, greedy(model, prompt, 5))
 
 
-METHOD_CONFIGS = {
-    "lora": sp.LoraConfig(r=4),
-    "dora": sp.DoraConfig(r=4),
-    "slim": sp.SlimConfig(r=4),
-    "slim-linear-routing": sp.SlimConfig(r=4, routing="linear", target_modules="all-linear"),
-    "mixlora": sp.MixLoraConfig(r=4, num_experts=4),
-    "mixlora-dynamic": sp.MixLoraConfig(r=4, num_experts=4, top_p=0.8),
-    "loramoe": sp.LoraMoeConfig(r=4, num_experts=4),
-    "mola": sp.MolaConfig(r=4, experts_per_layer="2,4"),
-    "ilora": sp.ILoraConfig(r=4),
-}
+METHOD_CONFIGS = method_configs(r=4)
 
 
 @pytest.mark.parametrize("name", sorted(METHOD_CONFIGS))

@@ -54,6 +54,10 @@ def tiny_adapter_model(method: str = "lora", **overrides):
 
     seed_everything(0)
     cfg = {"method": method, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+    if method == "mixlora-dynamic":
+        cfg.update(method="mixlora", top_p=0.8)
+    if method == "mola":
+        cfg.update(experts_per_layer="2,4")  # one count per layer of the 2-layer model
     if method == "slim":
         cfg.update(num_lora_experts=3, num_identity_experts=1, top_k=2, num_clusters=2)
     cfg.update(overrides)
@@ -228,6 +232,8 @@ def _train_child(argv: list[str]) -> None:
     p.add_argument("--hang-after", type=int, default=0)
     p.add_argument("--resume", default=None)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--mask-ratio", type=float, default=None)
+    p.add_argument("--checkpointing", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -237,10 +243,15 @@ def _train_child(argv: list[str]) -> None:
             while True:
                 time.sleep(1)
 
-    model = tiny_adapter_model(a.method, lora_dropout=a.dropout)
+    overrides = {} if a.mask_ratio is None else {"mask_ratio": a.mask_ratio}
+    model = tiny_adapter_model(a.method, lora_dropout=a.dropout, **overrides)
     args = tiny_args(Path(a.out), max_steps=a.steps, per_device_train_batch_size=a.batch,
-                     resume_from_checkpoint=a.resume, torch_num_threads=1)
-    Trainer(model, args, tiny_examples(), callbacks=[hang] if a.hang_after else []).train()
+                     resume_from_checkpoint=a.resume, torch_num_threads=1, gradient_checkpointing=a.checkpointing)
+    trainer = Trainer(model, args, tiny_examples(), callbacks=[hang] if a.hang_after else [])
+    trainer.train()
+    acc = trainer.accelerator
+    param = next(p for p in model.parameters() if p.requires_grad)
+    print(f"DISTRIBUTED {acc.distributed_type} rank {acc.process_index} {type(param).__name__}", flush=True)
 
 
 def _run_child(*args: str, timeout: float = 120) -> None:
@@ -267,11 +278,14 @@ def _kill_after_hang(*args: str, timeout: float = 120) -> None:
             proc.wait()
 
 
-@pytest.mark.parametrize("method,dropout", [("lora", 0.1), ("slim", 0.0)])
+@pytest.mark.parametrize("method,dropout", [("lora", 0.1), ("slim", 0.1), ("dora", 0.1),
+                                            ("mixlora", 0.1), ("mixlora-dynamic", 0.1), ("loramoe", 0.1),
+                                            ("mola", 0.1), ("ilora", 0.1)])
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, method, dropout):
-    """Bitwise equality on CPU: the resumed run restores the adapter weights and buffers (SLIM's cluster
-    state), AdamW moments, scheduler, RNG states (dropout, SLIM's random merge masks) and the data position,
-    and repeats the same float operations in the same order on the same thread count."""
+    """Bitwise equality on CPU, every method: the resumed run restores the adapter weights and buffers (SLIM's
+    cluster state), AdamW moments, scheduler, RNG states (dropout, SLIM's random merge masks), the method's
+    training state (I-LoRA's replay buffer, its generator and task id) and the data position, and repeats the
+    same float operations in the same order on the same thread count."""
     full, killed = tmp_path / "full", tmp_path / "killed"
     common = ["--method", method, "--dropout", str(dropout)]
     _run_child(str(full), *common)
@@ -289,8 +303,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, method, dropout
 # ------------------------------------------------------------------------------- DDP with 2 processes
 
 
-def test_accelerate_launch_two_processes_matches_one_process(tmp_path):
-    """2 processes x batch 4 (gloo, CPU) follow the same loss curve as 1 process x batch 8.
+@pytest.mark.parametrize("options", [(), ("--method", "slim", "--mask-ratio", "0", "--checkpointing")],
+                         ids=["lora", "slim-clusters-checkpointing"])
+def test_accelerate_launch_two_processes_matches_one_process(tmp_path, options):
+    """2 processes x batch 4 (gloo, CPU) follow the same loss curve as 1 process x batch 8, and end with the
+    same adapter: for SLIM with gradient checkpointing that includes the clusters (initialised from the global
+    batch, identical on both ranks; moved once per step by all-reduced sums, outside any forward).
+    SLIM's merge masks are off here: they are drawn per process (like dropout), so with them two processes
+    see other masks than one.
 
     Launched with ``accelerate launch --multi_gpu --num_processes 2``: on a machine without GPUs the
     trainer's ``Accelerator(cpu=True)`` joins the two processes into a gloo group. (``accelerate launch
@@ -304,11 +324,11 @@ def test_accelerate_launch_two_processes_matches_one_process(tmp_path):
     if shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists():
         pytest.skip("accelerate CLI not installed")
     one, two = tmp_path / "one", tmp_path / "two"
-    _run_child(str(one), "--batch", "8", "--steps", "10")
+    _run_child(str(one), "--batch", "8", "--steps", "10", *options)
     launcher = str(Path(sys.executable).parent / "accelerate")
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
-           str(HERE), "train", str(two), "--batch", "4", "--steps", "10"]
+           str(HERE), "train", str(two), "--batch", "4", "--steps", "10", *options]
     res = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((two / "final_state.json").read_text())["num_processes"] == 2

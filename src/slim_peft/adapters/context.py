@@ -12,7 +12,8 @@ class ForwardContext:
     """State one forward pass shares between the adapter layers and the model.
 
     `token_mask` ([B, S] bool, True for real tokens) lets routers ignore padding; `sample_type` ([B]) is
-    LoRAMoE's per-sample type; layers append router logits and add per-forward losses to `aux`.
+    LoRAMoE's per-sample type; layers append router logits and add per-forward losses to `aux` (unless
+    `collect_aux` is off: generation, where no loss is read).
     """
 
     token_mask: torch.Tensor | None = None
@@ -20,10 +21,13 @@ class ForwardContext:
     router_logits: list[torch.Tensor] = field(default_factory=list)
     router_masks: list[torch.Tensor | None] = field(default_factory=list)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    collect_aux: bool = True
 
-    def begin(self, attention_mask: torch.Tensor | None, sample_type: torch.Tensor | None) -> None:
+    def begin(self, attention_mask: torch.Tensor | None, sample_type: torch.Tensor | None,
+              collect_aux: bool = True) -> None:
         self.token_mask = attention_mask.bool() if attention_mask is not None else None
         self.sample_type = sample_type
+        self.collect_aux = collect_aux
         self.router_logits.clear()
         self.router_masks.clear()
         self.aux.clear()
@@ -35,4 +39,6 @@ class ForwardContext:
         return self.token_mask.reshape(-1)
 
     def add_aux(self, name: str, value: torch.Tensor) -> None:
+        if not self.collect_aux:
+            return
         self.aux[name] = self.aux[name] + value if name in self.aux else value

@@ -27,6 +27,7 @@ from slim_peft.errors import AdapterError
 from .config import AdapterConfig
 from .context import ForwardContext
 from .io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, base_fingerprint, check_base_model, config_from_saved
+from .modules.statistics import commit_pending
 from .registry import MethodSpec, get_method
 from .targeting import find_targets
 
@@ -112,7 +113,14 @@ class AdapterModel(nn.Module):
 
     # --- the trainer's hooks (a method that changes the training step overrides them) -----------------------
     def after_optimizer_step(self) -> None:
-        """Called by the trainer after each optimizer step (I-LoRA's EMA); nothing for most methods."""
+        """Called after each optimizer step, in every process (the trainer does; in a loop of your own, call
+        it after `optimizer.step()`): applies what this step's forward passes accumulated (SLIM's clusters,
+        once, all-reduced under DDP: `modules/statistics.py`). Methods with more (I-LoRA's EMA) extend it."""
+        modules = self.__dict__.get("_pending_modules")
+        if modules is None:
+            modules = [m for m in self.base_model.modules() if hasattr(m, "apply_pending")]
+            self.__dict__["_pending_modules"] = modules
+        commit_pending(modules, self.device)
 
     def start_task(self, task_id: int | None = None) -> int:
         """Begin the next task of a sequence; only methods with task-aware training state keep the id."""
@@ -127,7 +135,7 @@ class AdapterModel(nn.Module):
         """Inverse of `training_state`."""
 
     def generate(self, *args: Any, **kwargs: Any):
-        self.ctx.begin(kwargs.get("attention_mask"), None)
+        self.ctx.begin(kwargs.get("attention_mask"), None, collect_aux=False)
         return self.base_model.generate(*args, **kwargs)
 
     # --- parameters and statistics -------------------------------------------------------------------

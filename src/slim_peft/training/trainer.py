@@ -262,8 +262,7 @@ class Trainer:
                              config_hash=config_hash(fp_config), config=fp_config)
         model = self.model
         if args.gradient_checkpointing:
-            base = getattr(model, "base_model", model)
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(getattr(model, "base_model", model))
         model.train()
         optimizer = build_optimizer(_trainable_parameters(model), args)
         scheduler = build_scheduler(optimizer, args, total_steps)
@@ -470,6 +469,17 @@ class Trainer:
             replace_dir(tmp, adapter_dir)
             write_json(run_dir / FINAL_STATE_FILE, dataclasses.asdict(state))
         acc.wait_for_everyone()
+
+
+def enable_gradient_checkpointing(base: nn.Module) -> None:
+    """Checkpoint every decoder layer of a transformers model, non-reentrant: the recompute runs with autograd
+    on, so tensors the adapters hand out of a layer (router logits for the balance losses) keep their graph,
+    and the adapters' statistics skip it (`adapters/modules/statistics.py`)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

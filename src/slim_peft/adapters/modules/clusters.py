@@ -1,6 +1,9 @@
 """SLIM's sliding clusters of the training distribution: centres and per-channel
 variances moved by momentum towards each training batch's tokens, and the normalised distance rho of a token to
-its nearest centre that weight yielding subtracts from the LoRA experts' router logits."""
+its nearest centre that weight yielding subtracts from the LoRA experts' router logits.
+
+A forward pass reads the state and only accumulates its sums (`accumulate`); `apply_pending` moves the state
+once per optimizer step (see `statistics.py`: gradient checkpointing and DDP)."""
 
 from __future__ import annotations
 
@@ -8,21 +11,31 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .statistics import all_reduce_sum_, is_distributed
+
 EPS = 1e-6
 
 
 class SlidingClusters(nn.Module):
     """Centres c_j and per-channel variances v_j of the training tokens, moved by momentum in training mode
-    and frozen in eval mode. Buffers: saved with the adapter."""
+    and frozen in eval mode. Buffers: saved with the adapter. `seed` fixes which tokens of the first batch
+    become the centres (the same on every process, and independent of the global RNG, so that a
+    checkpointed recompute draws the same dropout and merge masks as the first forward)."""
 
-    def __init__(self, num_clusters: int, dim: int, momentum: float, device: torch.device | None = None) -> None:
+    def __init__(self, num_clusters: int, dim: int, momentum: float, device: torch.device | None = None,
+                 seed: int = 0) -> None:
         super().__init__()
         self.momentum = momentum
+        self.seed = seed
         self.register_buffer("centres", torch.zeros(num_clusters, dim, device=device))
         self.register_buffer("variances", torch.ones(num_clusters, dim, device=device))
         self.register_buffer("tau", torch.ones((), device=device))  # running mean of rho (calibration)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
         self._ready = False  # host mirror of `initialized`, so the hot path does not synchronise
+        # Not buffers: DDP broadcasts buffers from rank 0 at every forward, which would overwrite a process's
+        # own sums between accumulated micro-batches.
+        self._pending: torch.Tensor | None = None  # C x (1 + 2 d): counts, sums of h, sums of (h - c_k)^2
+        self._pending_rho: torch.Tensor | None = None  # (sum of rho, number of tokens)
 
     def ready(self) -> bool:
         if not self._ready:
@@ -49,43 +62,92 @@ class SlidingClusters(nn.Module):
 
     @torch.no_grad()
     def initialize(self, h: torch.Tensor, w: torch.Tensor) -> None:
-        """Centres: random distinct valid tokens of the first batch; variances: that batch's per-channel
-        variance; tau: the batch's mean rho under these clusters. Reads one count on the host, once."""
-        C = self.centres.shape[0]
-        n_valid = int(w.sum())
-        pick = torch.multinomial(w + 1e-12 * (n_valid == 0), C, replacement=n_valid < C)
-        mean = (h * w[:, None]).sum(0) / w.sum().clamp(min=1)
-        var = ((h - mean) ** 2 * w[:, None]).sum(0) / w.sum().clamp(min=1)
-        self.centres.copy_(h[pick])
+        """From the first training batch (the global one under DDP): centres = C distinct valid tokens drawn
+        with `seed` (rank-major order of the processes' valid tokens, which is the single process's order
+        for the same global batch), variances = the batch's per-channel variance, tau = the batch's mean rho
+        under these clusters. Reads the token counts on the host, once."""
+        C, d = self.centres.shape
+        valid = (w > 0).nonzero().squeeze(1)
+        if valid.numel() == 0 and not is_distributed():  # no valid token at all: use every token
+            valid, w = torch.arange(h.shape[0], device=h.device), torch.ones_like(w)
+        offset, total = _global_offset(valid.numel(), h.device)
+        g = torch.Generator().manual_seed(self.seed)
+        picks = torch.randperm(total, generator=g)[:C] if total >= C else torch.randint(max(total, 1), (C,),
+                                                                                           generator=g)
+        picks = picks.to(h.device)
+        centres = h.new_zeros(C, d)
+        if valid.numel():
+            mine = (picks >= offset) & (picks < offset + valid.numel())
+            rows = valid[(picks - offset).clamp(0, valid.numel() - 1)]
+            centres = torch.where(mine[:, None], h[rows], centres)
+        self.centres.copy_(all_reduce_sum_(centres))  # each pick is owned by exactly one process
+        sums = all_reduce_sum_(torch.cat([(h * w[:, None]).sum(0), w.sum()[None]]))
+        n = sums[-1].clamp(min=1)
+        mean = sums[:-1] / n
+        var = all_reduce_sum_(((h - mean) ** 2 * w[:, None]).sum(0)) / n
         self.variances.copy_(var.expand_as(self.variances))
         rho = self.rho(h, self.nearest(h))
-        self.tau.copy_((rho * w).sum() / w.sum().clamp(min=1))
+        rho_sums = all_reduce_sum_(torch.stack([(rho * w).sum(), w.sum()]))
+        self.tau.copy_(rho_sums[0] / rho_sums[1].clamp(min=1))
         self.initialized.fill_(True)
         self._ready = True
 
     @torch.no_grad()
-    def update(self, h: torch.Tensor, w: torch.Tensor, k: torch.Tensor, rho: torch.Tensor,
-               dev: torch.Tensor | None = None) -> None:
-        """c <- (1 - m) c + m mean(h), v <- (1 - m) v + m mean((h - c)^2) per non-empty cluster; tau <-
-        (1 - m) tau + m mean(rho). Sums are all-reduced under DDP so every process keeps the same state.
-        `dev` = |h - c_k| when the caller has it (it is squared in place). No host synchronisation."""
+    def accumulate(self, h: torch.Tensor, w: torch.Tensor, k: torch.Tensor, rho: torch.Tensor,
+                   dev: torch.Tensor | None = None) -> None:
+        """Add one forward's sums per cluster (token count, sum of h, sum of (h - c_k)^2, over tokens whose
+        nearest centre is k, weighted by the token mask w) and of rho. `dev` = |h - c_k| when the caller has
+        it (it is squared in place). The state itself does not move here. No host synchronisation."""
         C, d = self.centres.shape
         dev = self.deviation(h, k) if dev is None else dev
         onehot = h.new_zeros(k.shape[0], C).scatter_(1, k[:, None], w[:, None].to(h.dtype))  # T x C, w at k
-        stats = torch.cat([
-            onehot.sum(0)[:, None],  # counts
-            onehot.t() @ h,  # sums
-            onehot.t() @ dev.square_(),  # squared deviations
-        ], dim=1)
+        stats = torch.cat([onehot.sum(0)[:, None], onehot.t() @ h, onehot.t() @ dev.square_()], dim=1)
         rho_stats = torch.stack([(rho * w).sum(), w.sum()])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
-            dist.all_reduce(rho_stats)
-        count, sums, sq = stats[:, :1], stats[:, 1:1 + d], stats[:, 1 + d:]
+        if self._pending is None:
+            self._pending, self._pending_rho = stats, rho_stats
+        else:
+            self._pending += stats
+            self._pending_rho += rho_stats
+
+    def pending_size(self) -> int:
+        C, d = self.centres.shape
+        return C * (1 + 2 * d) + 2
+
+    def pending_sums(self) -> torch.Tensor | None:
+        if self._pending is None:
+            return None
+        return torch.cat([self._pending.reshape(-1), self._pending_rho])
+
+    @torch.no_grad()
+    def apply_pending(self, sums: torch.Tensor) -> None:
+        """One momentum step from the accumulated sums: c <- (1 - m) c + m mean(h), v <- (1 - m) v +
+        m mean((h - c)^2) per non-empty cluster; tau <- (1 - m) tau + m mean(rho). Then clear the sums."""
+        self._pending = self._pending_rho = None
+        C, d = self.centres.shape
+        stats, rho_stats = sums[:-2].view(C, 1 + 2 * d), sums[-2:]
+        count, s, sq = stats[:, :1], stats[:, 1:1 + d], stats[:, 1 + d:]
         m = self.momentum
         has = count > 0
         n = count.clamp(min=1)
-        self.centres.copy_(torch.where(has, (1 - m) * self.centres + m * sums / n, self.centres))
+        self.centres.copy_(torch.where(has, (1 - m) * self.centres + m * s / n, self.centres))
         self.variances.copy_(torch.where(has, (1 - m) * self.variances + m * sq / n, self.variances))
         mean_rho = rho_stats[0] / rho_stats[1].clamp(min=1)
         self.tau.copy_(torch.where(rho_stats[1] > 0, (1 - m) * self.tau + m * mean_rho, self.tau))
+
+    def update(self, h: torch.Tensor, w: torch.Tensor, k: torch.Tensor, rho: torch.Tensor,
+               dev: torch.Tensor | None = None) -> None:
+        """`accumulate` then apply at once (one process or all processes together): the state moves now."""
+        self.accumulate(h, w, k, rho, dev)
+        sums = self.pending_sums()
+        self.apply_pending(all_reduce_sum_(sums))
+
+
+def _global_offset(n_local: int, device: torch.device) -> tuple[int, int]:
+    """(number of valid tokens on the processes before this one, total over all processes)."""
+    if not is_distributed():
+        return 0, n_local
+    counts = torch.zeros(dist.get_world_size(), dtype=torch.long, device=device)
+    counts[dist.get_rank()] = n_local
+    dist.all_reduce(counts)
+    rank = dist.get_rank()
+    return int(counts[:rank].sum()), int(counts.sum())

@@ -3,9 +3,17 @@ delta' = m * delta / (1 - p), m ~ Bernoulli(1 - p), applied to each LoRA expert'
 
 Two forms: the fast one masks rows of B and columns of A (`factor_masks`, never forming B A); the exact one
 masks every entry of B_e A_e (`dare_mixture`, with `DareRows` re-forming the updates in backward).
+
+Memory of the exact form (`exact_form_bytes`): a forward forms the E dense d_out x d_in updates of one
+projection in fp32 (1.9 GB for one Llama-3-8B FFN projection at E = 8), and backward forms them again. The
+keep masks are not kept for backward: a training mask is a `ReplayableKeepMask`, redrawn in backward from the
+RNG state of its draw (a few bytes instead of 45 GB of booleans over Llama-3-8B's FFN projections). The exact
+form runs in fp32 with autocast off (it is the reference the fast form is compared with).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -70,6 +78,50 @@ def drop_keep_mask(shape: tuple[int, ...], p: float, generator: torch.Generator 
     return _uniform(shape, generator, device) >= p
 
 
+@dataclass
+class ReplayableKeepMask:
+    """One training draw of DARE's keep mask from `device`'s global RNG, with the RNG state before it, so
+    that backward can draw the same booleans again (`replay`) instead of keeping them."""
+
+    shape: tuple[int, ...]
+    p: float
+    device: torch.device
+    rng_state: torch.Tensor
+
+    @classmethod
+    def draw(cls, shape: tuple[int, ...], p: float, device: torch.device) -> tuple[ReplayableKeepMask, torch.Tensor]:
+        """(the replayable record, the mask itself): advances the global RNG as `drop_keep_mask` does."""
+        record = cls(shape, p, device, _rng_state(device))
+        return record, drop_keep_mask(shape, p, None, device)
+
+    def replay(self) -> torch.Tensor:
+        """The same mask again; the global RNG is left as it was."""
+        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device],
+                                   device_type=self.device.type if self.device.type != "cpu" else "cuda"):
+            _set_rng_state(self.device, self.rng_state)
+            return drop_keep_mask(self.shape, self.p, None, self.device)
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.get_device_module(device.type).get_rng_state(device)
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.get_device_module(device.type).set_rng_state(state, device)
+
+
+def exact_form_bytes(num_experts: int, in_features: int, out_features: int) -> int:
+    """Peak extra memory of one exact-form projection in training: its E dense fp32 updates formed in
+    backward, the gradient they become (in place), and the boolean keep mask, E d_out d_in (4 + 1) bytes
+    (plus what autograd keeps of the pairs' rows)."""
+    return num_experts * in_features * out_features * (4 + 1)
+
+
 def dare_delta(A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
     """The exact form's masked updates scale * m_e * (B_e A_e), E x d_out x d_in: forms every B_e A_e."""
     delta = torch.bmm(B, A).mul_(keep)
@@ -88,20 +140,28 @@ def dare_rows(xs: torch.Tensor, delta: torch.Tensor, bounds: list[int]) -> torch
 
 class DareRows(torch.autograd.Function):
     """`dare_rows(xs, dare_delta(A, B, keep, scale), bounds)` with gradients for xs, A and B. It saves xs, A, B
-    and the boolean mask, not the E dense d_out x d_in updates, and forms them again in backward (E d_out d_in r
-    multiply-adds, small beside the backward's products): autograd through `dare_delta` kept a float mask and
-    the updates per projection, 2 x 28 MB for one FFN projection of the embedded model."""
+    and the boolean mask (or, given `replay`, only the RNG state that redraws it), not the E dense d_out x d_in
+    updates, and forms them again in backward (E d_out d_in r multiply-adds, small beside the backward's
+    products): autograd through `dare_delta` kept a float mask and the updates per projection, 2 x 28 MB for
+    one FFN projection of the embedded model."""
 
     @staticmethod
     def forward(ctx, xs: torch.Tensor, A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, scale: float,
-                bounds: list[int]) -> torch.Tensor:
-        ctx.save_for_backward(xs, A, B, keep)
-        ctx.scale, ctx.bounds = scale, bounds
+                bounds: list[int], replay: ReplayableKeepMask | None = None) -> torch.Tensor:
+        if replay is None:
+            ctx.save_for_backward(xs, A, B, keep)
+        else:
+            ctx.save_for_backward(xs, A, B)
+        ctx.scale, ctx.bounds, ctx.replay = scale, bounds, replay
         return dare_rows(xs, dare_delta(A, B, keep, scale), bounds)
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
-        xs, A, B, keep = ctx.saved_tensors
+        if ctx.replay is None:
+            xs, A, B, keep = ctx.saved_tensors
+        else:
+            xs, A, B = ctx.saved_tensors
+            keep = ctx.replay.replay()
         bounds = ctx.bounds
         delta = dare_delta(A, B, keep, ctx.scale)
         gx = torch.empty_like(xs) if ctx.needs_input_grad[0] else None
@@ -116,17 +176,18 @@ class DareRows(torch.autograd.Function):
         g = delta.mul_(keep)  # dL/d(B_e A_e) = scale * m_e * dL/d delta_e
         if ctx.scale != 1.0:
             g.mul_(ctx.scale)
-        return gx, torch.bmm(B.transpose(1, 2), g), torch.bmm(g, A.transpose(1, 2)), None, None, None
+        return gx, torch.bmm(B.transpose(1, 2), g), torch.bmm(g, A.transpose(1, 2)), None, None, None, None
 
 
 def dare_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor, scale: float,
-                 expert_idx: torch.Tensor, expert_w: torch.Tensor, delta: torch.Tensor | None = None
-                 ) -> torch.Tensor:
+                 expert_idx: torch.Tensor, expert_w: torch.Tensor, delta: torch.Tensor | None = None,
+                 replay: ReplayableKeepMask | None = None) -> torch.Tensor:
     """sum over the selected (token, expert) pairs of w (scale m_e * B_e A_e) x_t: the exact DARE form, with
     the pairs grouped by expert as in `grouped_mixture`, so a token costs its K dense products, not E
     (`exact_dare_mixture`). Identity picks (ids >= E, a third of the picks in the study) are dropped before the
     products; that reads the per-expert counts on the host (one synchronisation per call). With autograd
-    through `DareRows`; without, from `delta` (`dare_delta`, e.g. cached) or formed here."""
+    through `DareRows` (which redraws `keep` in backward from `replay` when given); without, from `delta`
+    (`dare_delta`, e.g. cached) or formed here."""
     E = A.shape[0]
     order, token, offsets = sort_pairs(expert_idx, E)
     bounds = [0, *offsets[:E].tolist()]
@@ -134,7 +195,7 @@ def dare_mixture(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, keep: torch.
     token = token[:n]
     xs = x.index_select(0, token)
     if torch.is_grad_enabled() and (xs.requires_grad or A.requires_grad or B.requires_grad):
-        rows = DareRows.apply(xs, A, B, keep, scale, bounds)
+        rows = DareRows.apply(xs, A, B, keep, scale, bounds, replay)
     else:
         rows = dare_rows(xs, dare_delta(A, B, keep, scale) if delta is None else delta, bounds)
     rows = rows * expert_w.reshape(-1).index_select(0, order[:n]).unsqueeze(-1).to(rows.dtype)

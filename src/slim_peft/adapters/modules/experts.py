@@ -22,6 +22,7 @@ grouped path's gather of x and scatter of the outputs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from collections.abc import Callable
 
@@ -106,12 +107,13 @@ def sort_pairs(expert_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
 @functools.cache
 def grouped_mm_available(device: str, dtype: torch.dtype) -> bool:
     """Whether `torch._grouped_mm` runs forward and backward correctly on this device and dtype (probed
-    once with a tiny problem). The probe turns autograd on itself: the first call may come from inside
-    `torch.no_grad()` or `inference_mode()` (evaluation), and its cached answer must not depend on that."""
+    once with a tiny problem). The probe runs in a thread of its own, where grad mode, autocast and
+    saved-tensor hooks are at their defaults: the first call may come from inside `no_grad()` (evaluation),
+    autocast, or a gradient-checkpointed forward, whose tensor count the probe's tensors would change."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    with torch.inference_mode(False), torch.enable_grad():
-        return _probe_grouped_mm(device, dtype)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(_probe_grouped_mm, device, dtype).result()
 
 
 def _probe_grouped_mm(device: str, dtype: torch.dtype) -> bool:

@@ -63,6 +63,7 @@ class ILoraModel(AdapterModel):
 
     def after_optimizer_step(self) -> None:
         """Move the slow learner towards the fast one (every layer shares the step count)."""
+        super().after_optimizer_step()
         layers = self.ilora_layers()
         a = ema_coefficient(int(layers[0].ema_step), self.adapter_config.ema_alpha)
         for layer in layers:

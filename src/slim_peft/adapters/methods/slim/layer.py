@@ -19,10 +19,17 @@ Decisions where the paper is silent or garbled (all config fields, see SlimConfi
 - distance "calibrated" (default): d = rho / tau - 1, tau a running mean of rho over training tokens;
   "max": d = rho - 1 (paper-literal). rho = max over channels |h - c_k| / sqrt(v_k + 1e-6), k the nearest
   centre (Euclidean).
-- clusters are initialised from the first training batch (random distinct valid tokens as centres, the
-  batch's per-channel variance); until then (an untrained adapter), d = 0: no yielding.
-- with gradient checkpointing the recomputed forward updates the clusters a second time (a momentum step
-  on the same batch); masks are the same in the recomputation because checkpointing restores the RNG.
+- clusters are initialised from the first training batch (distinct valid tokens drawn with a seed of their
+  own as centres, the batch's per-channel variance; the global batch under DDP); until then (an untrained
+  adapter), d = 0: no yielding.
+- the clusters, tau and the routing counters move once per optimizer step from the sums of that step's first
+  forwards (`modules/statistics.py`), so a gradient-checkpointing recompute routes exactly as the first forward
+  did (same state; dropout and merge masks are the same because checkpointing restores the RNG) and counts
+  nothing twice; under DDP the sums are all-reduced once per step, outside the forward.
+- the router sees the hidden state itself, not a detached copy: its gradient flows into earlier layers, as in
+  every routed method here (MixLoRA, LoRAMoE, MoLA and their reference code; the SLIM paper is silent). Only
+  the cluster distance is a no-grad statistic. Routing (logits, distance, top-k, softmax) runs in fp32 with
+  autocast off, whatever the model's dtype and autocast state.
 
 Speed: routing, cluster moves and dispatch stay on the device (no `.item()`/`.tolist()` per layer;
 the one host read is the clusters' one-time initialisation). The nearest centre comes from one matmul
@@ -33,6 +40,7 @@ extra pass over the T x d_out output. In eval without autograd the masked factor
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -40,13 +48,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from slim_peft.errors import ConfigError
+
 from ...config import FFN_PROJ, AdapterConfig
 from ...context import ForwardContext
 from ...modules.clusters import SlidingClusters
-from ...modules.dare import dare_delta, dare_mixture, drop_keep_mask, factor_masks, masked_factors
+from ...modules.dare import (
+    ReplayableKeepMask,
+    dare_delta,
+    dare_mixture,
+    drop_keep_mask,
+    exact_form_bytes,
+    factor_masks,
+    masked_factors,
+)
 from ...modules.dropout import adapter_dropout
 from ...modules.experts import LoraExpertBank, mix_experts
-from ...modules.routing import LinearRouter, switch_balance_loss, top_k_routing
+from ...modules.routing import LinearRouter, fp32_routing, switch_balance_loss, top_k_routing
+from ...modules.statistics import in_backward
 from ...targeting import find_targets, set_module
 from .config import SlimConfig
 
@@ -58,13 +77,15 @@ class SlimRouter(nn.Module):
     It also accumulates routing statistics (weight per expert over valid tokens) on the device.
     """
 
-    def __init__(self, in_features: int, cfg: SlimConfig, device: torch.device | None = None) -> None:
+    def __init__(self, in_features: int, cfg: SlimConfig, device: torch.device | None = None,
+                 seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_lora = cfg.num_lora_experts
         num_experts = cfg.num_lora_experts + cfg.num_identity_experts
         self.router = LinearRouter(in_features, num_experts, cfg.router_init_std, device=device)
-        self.clusters = SlidingClusters(cfg.num_clusters, in_features, cfg.cluster_momentum, device=device)
+        self.clusters = SlidingClusters(cfg.num_clusters, in_features, cfg.cluster_momentum, device=device,
+                                        seed=seed)
         self.register_buffer("stat_weight", torch.zeros(num_experts, device=device), persistent=False)
         self.register_buffer("stat_tokens", torch.zeros((), device=device), persistent=False)
         is_lora = (torch.arange(num_experts, device=device) < self.num_lora).float()
@@ -74,7 +95,8 @@ class SlimRouter(nn.Module):
         self.last_logits: torch.Tensor | None = None
 
     def distance(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """d(h), after moving the clusters when training."""
+        """d(h) from the clusters' current state; in training (not in a checkpointed recompute) this forward's
+        sums are added to the clusters' pending update."""
         clusters = self.clusters
         if self.training and not clusters.ready():
             clusters.initialize(h.detach(), w)
@@ -84,13 +106,16 @@ class SlimRouter(nn.Module):
             k = clusters.nearest(h)
             dev = clusters.deviation(h, k)
             rho = clusters.rho_from(dev, k)
-            if self.training:
-                clusters.update(h, w, k, rho, dev)
+            if self.training and not in_backward():
+                clusters.accumulate(h, w, k, rho, dev)
         d = rho / clusters.tau - 1 if self.cfg.distance == "calibrated" else rho - 1
         return d.clamp(min=0) if self.cfg.yield_clamp else d
 
     def route(self, h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        h = h.reshape(-1, h.shape[-1]).float()
+        with fp32_routing(h.device):
+            return self._route(h.reshape(-1, h.shape[-1]).float(), mask)
+
+    def _route(self, h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         w = mask.float() if mask is not None else h.new_ones(h.shape[0])
         if self.forced is not None:
             E = self.forced.numel()
@@ -105,11 +130,12 @@ class SlimRouter(nn.Module):
                 logits = logits - (self.cfg.yield_strength * d)[:, None] * self.yield_sign
             self.last_logits = logits
             idx, weights = top_k_routing(logits, self.cfg.top_k)
-        with torch.no_grad():
-            per_expert = torch.zeros_like(self.stat_weight).index_add_(
-                0, idx.reshape(-1), (weights * w[:, None]).reshape(-1))
-            self.stat_weight += per_expert
-            self.stat_tokens += w.sum()
+        if not in_backward():  # a checkpointed recompute must not count its tokens twice
+            with torch.no_grad():
+                per_expert = torch.zeros_like(self.stat_weight).index_add_(
+                    0, idx.reshape(-1), (weights * w[:, None]).reshape(-1))
+                self.stat_weight += per_expert
+                self.stat_tokens += w.sum()
         return idx, weights
 
     def stats(self) -> dict:
@@ -140,12 +166,14 @@ class SlimLinear(nn.Module):
         self.lora_dropout = adapter_dropout(cfg.lora_dropout)
         self.experts = LoraExpertBank(cfg.num_lora_experts, base_layer.in_features, base_layer.out_features,
                                       cfg.r, device=device)
+        self.mask_seed = site_seed(cfg.merge_seed, name)
         if router is None:  # routing="linear": a router of its own, on its own input
-            self.slim_router = SlimRouter(base_layer.in_features, cfg, device=device)
+            self.slim_router = SlimRouter(base_layer.in_features, cfg, device=device, seed=self.mask_seed)
         self._shared_router = [router]  # a list, so the shared router is not registered twice
-        self.mask_seed = cfg.merge_seed * 1_000_003 + zlib.crc32(name.encode())
         self._fixed_masks: tuple[torch.Tensor, ...] | None = None
         self._factor_cache: tuple[tuple, Any] | None = None  # (key, masked factors or dense DARE weights)
+        self.cache_exact_delta = True  # set by `check_exact_form_memory`
+        self._l1_cache: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def router(self) -> SlimRouter:
@@ -156,7 +184,10 @@ class SlimLinear(nn.Module):
         cfg, A = self.cfg, self.experts.lora_A
         E, _, d_in = A.shape
         d_out = self.experts.lora_B.shape[1]
-        if cfg.merge_form == "exact":
+        if cfg.merge_form == "exact":  # (keep,) or, for a training draw, (keep, its replayable record)
+            if generator is None:
+                record, keep = ReplayableKeepMask.draw((E, d_out, d_in), cfg.mask_ratio, A.device)
+                return keep, record
             return (drop_keep_mask((E, d_out, d_in), cfg.mask_ratio, generator, A.device),)
         return factor_masks(E, d_in, d_out, cfg.mask_ratio, cfg.rescale, generator, A.device)
 
@@ -197,6 +228,8 @@ class SlimLinear(nn.Module):
         def build() -> torch.Tensor:
             return dare_delta(self.experts.lora_A, self.experts.lora_B, keep, self.dare_scale)
 
+        if not self.cache_exact_delta:  # a model whose updates would not fit in memory all at once
+            return build()
         return self._eval_cached((keep,), build, build)
 
     def _eval_cached(self, masks: tuple[torch.Tensor, ...] | None, build: Callable[[], Any],
@@ -216,27 +249,77 @@ class SlimLinear(nn.Module):
         xt = x.reshape(-1, x.shape[-1])
         router = self.router
         if self._shared_router[0] is None:
-            router.current = router.route(xt.detach(), self.ctx.flat_mask(xt.shape[0]))
+            router.current = router.route(xt, self.ctx.flat_mask(xt.shape[0]))
         idx, weights = router.current
         A = self.experts.lora_A
         x_drop = self.lora_dropout(xt.to(A.dtype))
         weights = weights * self.scaling  # s rides on the T x K weights, not on the T x d_out output
         out = result.reshape(-1, result.shape[-1])
         masks = self.masks()
-        if masks is not None and len(masks) == 1:  # exact DARE form: a boolean keep mask
-            delta = None if torch.is_grad_enabled() else self.dare_delta(masks[0])
-            y = out + dare_mixture(x_drop, A, self.experts.lora_B, masks[0], self.dare_scale, idx, weights,
-                                   delta).to(out.dtype)
+        if masks is not None and self.cfg.merge_form == "exact":  # a boolean keep mask (+ its replay record)
+            with fp32_routing(x.device):  # fp32, autocast off: the form exists to be the exact reference
+                delta = None if torch.is_grad_enabled() else self.dare_delta(masks[0])
+                replay = masks[1] if len(masks) > 1 else None
+                y = out + dare_mixture(x_drop.float(), A, self.experts.lora_B, masks[0], self.dare_scale, idx,
+                                       weights, delta, replay).to(out.dtype)
         else:
             y = mix_experts(x_drop, *self.factors(masks), idx, weights, self.cfg.dispatch, out=out)
+        if self.ctx.collect_aux:
+            self.ctx.add_aux("l1", self.l1())
         return y.view(result.shape)
+
+    def l1(self) -> torch.Tensor:
+        """This bank's L1 term (`l1_penalty`), computed in the layer's forward, where FSDP has the factors
+        unsharded (read from outside it, a sharded factor would give a DTensor loss). Without autograd the
+        value is reused while the factors are unchanged."""
+        if torch.is_grad_enabled():
+            return l1_penalty([self.experts])
+        A, B = self.experts.lora_A, self.experts.lora_B
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr())
+        if self._l1_cache is None or self._l1_cache[0] != key:
+            self._l1_cache = (key, l1_penalty([self.experts]))
+        return self._l1_cache[1]
+
+
+def site_seed(merge_seed: int, name: str) -> int:
+    """The seed of one site's fixed eval masks and cluster initialisation: from `merge_seed` and the module
+    path, so that every site (and every process) has its own, fixed one."""
+    return merge_seed * 1_000_003 + zlib.crc32(name.encode())
 
 
 def _route_block(router: SlimRouter, ctx: ForwardContext):
     def hook(module: nn.Module, args: tuple) -> None:
         h = args[0]
-        router.current = router.route(h.detach(), ctx.flat_mask(h.reshape(-1, h.shape[-1]).shape[0]))
+        router.current = router.route(h, ctx.flat_mask(h.reshape(-1, h.shape[-1]).shape[0]))
     return hook
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on `device` (an accelerator's free memory, or the host's available RAM); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def check_exact_form_memory(layers: list[SlimLinear], available: int | None) -> None:
+    """Refuse `merge_form="exact"` where one projection's training peak (`exact_form_bytes`) exceeds the free
+    memory, naming the memory it needs; evaluation caches the dense updates only while all of them together
+    take at most a quarter of it."""
+    if not layers or available is None:
+        return
+    sizes = [exact_form_bytes(m.experts.num_experts, m.base_layer.in_features, m.base_layer.out_features)
+             for m in layers]
+    need = max(sizes)
+    if need > available:
+        raise ConfigError(f"merge_form='exact' needs about {need / 2**30:.1f} GiB per adapted projection in "
+                          f"training (E x d_out x d_in fp32 updates and keep masks), more than the "
+                          f"{available / 2**30:.1f} GiB free on this device; use merge_form='fast' (the same "
+                          f"expected update, never formed) or fewer experts")
+    cache = sum(s * 4 // 5 for s in sizes) <= available // 4  # the cached fp32 updates of every projection
+    for m in layers:
+        m.cache_exact_delta = cache
 
 
 def inject_slim(model: nn.Module, cfg: AdapterConfig, ctx: ForwardContext) -> None:
@@ -245,6 +328,7 @@ def inject_slim(model: nn.Module, cfg: AdapterConfig, ctx: ForwardContext) -> No
     the FFN input before the projections run)."""
     assert isinstance(cfg, SlimConfig)
     hidden = model.config.hidden_size
+    layers: list[SlimLinear] = []
     for name in find_targets(model, cfg.target_modules):
         base = model.get_submodule(name)
         parent_name, _, short = name.rpartition(".")
@@ -252,23 +336,19 @@ def inject_slim(model: nn.Module, cfg: AdapterConfig, ctx: ForwardContext) -> No
         if cfg.routing == "block" and short in FFN_PROJ:
             parent = model.get_submodule(parent_name)
             if not hasattr(parent, "slim_router"):
-                parent.slim_router = SlimRouter(hidden, cfg, device=base.weight.device)
+                parent.slim_router = SlimRouter(hidden, cfg, device=base.weight.device,
+                                                seed=site_seed(cfg.merge_seed, f"{parent_name}.slim_router"))
                 parent.register_forward_pre_hook(_route_block(parent.slim_router, ctx))
             router = parent.slim_router
-        set_module(model, name, SlimLinear(base, cfg, ctx, name, router))
+        layer = SlimLinear(base, cfg, ctx, name, router)
+        set_module(model, name, layer)
+        layers.append(layer)
+    if cfg.merge_form == "exact" and cfg.mask_ratio > 0 and layers:
+        check_exact_form_memory(layers, available_memory(layers[0].experts.lora_A.device))
 
 
 def routers(model: nn.Module) -> dict[str, SlimRouter]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SlimRouter)}
-
-
-def expert_banks(model: nn.Module) -> list[LoraExpertBank]:
-    """The model's LoRA expert banks, listed once (aux losses run every forward, also while decoding)."""
-    banks = model.__dict__.get("_slim_banks")
-    if banks is None:
-        banks = [m for m in model.modules() if isinstance(m, LoraExpertBank)]
-        model.__dict__["_slim_banks"] = banks
-    return banks
 
 
 def l1_penalty(banks: list[LoraExpertBank]) -> torch.Tensor:
@@ -282,20 +362,10 @@ def l1_penalty(banks: list[LoraExpertBank]) -> torch.Tensor:
 
 def slim_aux_losses(model: nn.Module, cfg: AdapterConfig, ctx: ForwardContext
                     ) -> dict[str, tuple[torch.Tensor, float]]:
-    """L1 on the adapters: sum over sites, projections and LoRA experts of mean|B| + mean|A|; optional balancing.
-    Without autograd (evaluation, generation) the L1 value is reused while the weights are unchanged."""
+    """L1 on the adapters: sum over sites, projections and LoRA experts of mean|B| + mean|A| (each adapted
+    projection adds its term in its forward, `SlimLinear.l1`); optional balancing."""
     assert isinstance(cfg, SlimConfig)
-    banks = expert_banks(model)
-    if torch.is_grad_enabled():
-        l1 = l1_penalty(banks)
-    else:
-        key = tuple((W.data_ptr(), W._version) for b in banks for W in (b.lora_A, b.lora_B))
-        cache = model.__dict__.get("_slim_l1_cache")
-        if cache is None or cache[0] != key:
-            cache = (key, l1_penalty(banks))
-            model.__dict__["_slim_l1_cache"] = cache
-        l1 = cache[1]
-    out = {"l1": (l1, cfg.l1_weight)}
+    out = {"l1": (ctx.aux["l1"], cfg.l1_weight)} if "l1" in ctx.aux else {}
     if cfg.balance_loss_weight > 0:
         losses = []
         for r in routers(model).values():
