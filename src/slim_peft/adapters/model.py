@@ -27,7 +27,7 @@ from slim_peft.errors import AdapterError
 from .config import AdapterConfig
 from .context import ForwardContext
 from .io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, base_fingerprint, check_base_model, config_from_saved
-from .modules.statistics import commit_pending
+from .modules.statistics import commit_pending, full_tensor
 from .registry import MethodSpec, get_method
 from .targeting import find_targets
 
@@ -174,12 +174,13 @@ class AdapterModel(nn.Module):
 
     # --- save / load / merge -------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapter parameters and persistent buffers, with PEFT's key prefix."""
+        """Adapter parameters and persistent buffers, with PEFT's key prefix. Under FSDP the sharded
+        parameters are gathered whole, so every process must call it (the trainer does)."""
         out = {}
         for k, v in self.base_model.state_dict().items():
             if ".base_layer." in k or k in self._base_keys:
                 continue
-            out[PREFIX + k] = v.detach().contiguous()
+            out[PREFIX + k] = full_tensor(v.detach()).contiguous()
         return out
 
     def _config_json(self) -> dict[str, Any]:
@@ -200,14 +201,17 @@ class AdapterModel(nn.Module):
                      init_lora_weights=True, inference_mode=True, use_rslora=False, modules_to_save=None)
         return d
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write adapter_config.json + adapter_model.safetensors atomically (temp dir, then rename)."""
+    def save_pretrained(self, save_directory: str | os.PathLike,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write adapter_config.json + adapter_model.safetensors atomically (temp dir, then rename).
+        `state_dict`: `adapter_state_dict()` already gathered (under FSDP every process gathers, one saves)."""
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             (tmp / CONFIG_NAME).write_text(json.dumps(self._config_json(), indent=2, sort_keys=True))
-            save_file(self.adapter_state_dict(), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            state = self.adapter_state_dict() if state_dict is None else state_dict
+            save_file({k: v.cpu() for k, v in state.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             if target.exists():
                 old = target.with_name(f".{target.name}.old")
                 shutil.rmtree(old, ignore_errors=True)

@@ -19,6 +19,13 @@ The global batch is ``per_device_train_batch_size x processes x gradient_accumul
 walks the same seeded order of global micro-batches and takes its own slice, so a run with N processes
 follows the same data as one process with an N times larger per-device batch.
 
+Precision: ``bf16=True`` is accelerate's bf16 autocast (on CUDA, and on CPUs with bf16 support); a base loaded
+in bf16 or fp16 keeps its dtype while the adapters, routers and cluster statistics stay fp32 (PEFT's
+autocast_adapter_dtype behaviour), and routing runs in fp32 with autocast off. ``gradient_checkpointing=True``
+checkpoints every decoder layer (non-reentrant); the adapters' forward statistics skip the recompute and move
+once per optimizer step (``AdapterModel.after_optimizer_step``), so gradients and cluster states equal those of
+the plain forward (tests/test_training_scale.py).
+
 FSDP and DeepSpeed need no code change, only an accelerate config file (``accelerate launch
 --config_file fsdp.yaml ...``), e.g.::
 
@@ -33,8 +40,15 @@ FSDP and DeepSpeed need no code change, only an accelerate config file (``accele
       fsdp_state_dict_type: FULL_STATE_DICT        offload_optimizer_device: none
       fsdp_use_orig_params: true   # frozen base + trainable adapters in one module
 
-Under FSDP/DeepSpeed, checkpoints hold ``accelerator.save_state`` (sharded model and optimizer) instead of
-the adapter-only state; these two paths are not exercised on the CPU-only machine the tests run on.
+FSDP version 2 wraps every decoder layer (``Qwen2DecoderLayer``, ``MistralDecoderLayer`` for those models) and
+then the root. The adapter parameters are sharded with their layer; buffers (SLIM's clusters, I-LoRA's slow
+learner) stay whole on every process and are kept identical by the all-reduced statistics; adapter losses that
+read parameters are computed inside the layers' forward, where FSDP has them unsharded; the final adapter is
+gathered whole on every process and written by the main one. accelerate does not run FSDP on a CPU-only
+machine (its state falls back to one process or MULTI_CPU), so tests/test_training_fsdp.py checks this
+wrapping with torch's ``fully_shard`` on 2 gloo processes against one process. Under FSDP/DeepSpeed,
+intermediate checkpoints hold ``accelerator.save_state`` (sharded model and optimizer) instead of the
+adapter-only state; that path and DeepSpeed are not exercised on the CPU-only machine the tests run on.
 
 A checkpoint (``output_dir/checkpoint-<step>``, written into a temporary directory and renamed into place)
 holds the trainable parameters and buffers (``model_state.safetensors``), the optimizer and scheduler
@@ -453,12 +467,14 @@ class Trainer:
     def _save_final(self, run_dir: Path, unwrapped: nn.Module, state: TrainerState) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        # every process gathers (FSDP-sharded adapters are collected whole), the main one writes
+        gathered = unwrapped.adapter_state_dict() if hasattr(unwrapped, "save_pretrained") else None
         if acc.is_main_process:
             adapter_dir = run_dir / "adapter"
             tmp = run_dir / ".tmp-adapter"
             shutil.rmtree(tmp, ignore_errors=True)
-            if hasattr(unwrapped, "save_pretrained"):
-                unwrapped.save_pretrained(str(tmp))
+            if gathered is not None:
+                unwrapped.save_pretrained(str(tmp), state_dict=gathered)
             else:  # a plain module (tests): its trainable state
                 from safetensors.torch import save_file
 

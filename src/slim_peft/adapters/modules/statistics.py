@@ -39,6 +39,12 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself, or, for an FSDP2-sharded parameter (a DTensor), the whole tensor gathered from every
+    process (a collective: every process must call it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 class PendingStatistics(Protocol):
     """A module whose forward passes accumulate sums that `commit_pending` applies."""
 

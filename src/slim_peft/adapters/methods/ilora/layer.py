@@ -8,6 +8,7 @@ from torch import nn
 
 from ...config import AdapterConfig
 from ...context import ForwardContext
+from ...modules.statistics import full_tensor
 from ...targeting import find_targets, set_module
 from ..lora.layer import LoraLinear
 from .config import ILoraConfig
@@ -44,9 +45,10 @@ class ILoraLinear(LoraLinear):
 
     @torch.no_grad()
     def ema_update(self, a: float) -> None:
-        """slow <- a slow + (1 - a) fast; step += 1."""
-        self.slow_lora_A.mul_(a).add_(self.lora_A.weight.detach(), alpha=1.0 - a)
-        self.slow_lora_B.mul_(a).add_(self.lora_B.weight.detach(), alpha=1.0 - a)
+        """slow <- a slow + (1 - a) fast; step += 1. Under FSDP the fast learner is gathered whole (every
+        process calls this after each optimizer step) and the slow buffers stay whole on every process."""
+        self.slow_lora_A.mul_(a).add_(full_tensor(self.lora_A.weight.detach()), alpha=1.0 - a)
+        self.slow_lora_B.mul_(a).add_(full_tensor(self.lora_B.weight.detach()), alpha=1.0 - a)
         self.ema_step += 1
 
 
