@@ -87,6 +87,18 @@ def test_cluster_statistics_move_once_per_optimizer_step():
     assert site.pending_sums() is None
 
 
+def test_a_loop_that_never_commits_is_warned(monkeypatch):
+    from slim_peft.adapters.modules import clusters as clusters_module
+
+    monkeypatch.setattr(clusters_module, "UNCOMMITTED_WARNING", 3)
+    model = _model("slim")
+    model.train()
+    data = batch()
+    with pytest.warns(UserWarning, match=r"after_optimizer_step\(\) after each optimizer.step\(\)"):
+        for _ in range(3):
+            model(**data)
+
+
 def test_two_accumulated_micro_batches_make_one_momentum_step_over_both():
     g = torch.Generator().manual_seed(0)
     h = torch.randn(40, 8, generator=g)

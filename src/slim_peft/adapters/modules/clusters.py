@@ -7,6 +7,8 @@ once per optimizer step (see `statistics.py`: gradient checkpointing and DDP).""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -14,6 +16,7 @@ from torch import nn
 from .statistics import all_reduce_sum_, is_distributed
 
 EPS = 1e-6
+UNCOMMITTED_WARNING = 256  # training forwards without `apply_pending` after which a custom loop is warned
 
 
 class SlidingClusters(nn.Module):
@@ -36,6 +39,7 @@ class SlidingClusters(nn.Module):
         # own sums between accumulated micro-batches.
         self._pending: torch.Tensor | None = None  # C x (1 + 2 d): counts, sums of h, sums of (h - c_k)^2
         self._pending_rho: torch.Tensor | None = None  # (sum of rho, number of tokens)
+        self._pending_forwards = 0
 
     def ready(self) -> bool:
         if not self._ready:
@@ -105,9 +109,15 @@ class SlidingClusters(nn.Module):
         rho_stats = torch.stack([(rho * w).sum(), w.sum()])
         if self._pending is None:
             self._pending, self._pending_rho = stats, rho_stats
+            self._pending_forwards = 0
         else:
             self._pending += stats
             self._pending_rho += rho_stats
+        self._pending_forwards += 1
+        if self._pending_forwards == UNCOMMITTED_WARNING:
+            warnings.warn(f"SLIM's clusters have accumulated {UNCOMMITTED_WARNING} training forwards without "
+                          f"moving: call model.after_optimizer_step() after each optimizer.step() in your own "
+                          f"training loop (slim-peft's Trainer does)", stacklevel=2)
 
     def pending_size(self) -> int:
         C, d = self.centres.shape
