@@ -316,3 +316,19 @@ def test_the_grouped_mm_probe_does_not_disturb_a_checkpointed_autocast_forward()
         loss = model(**batch()).loss
     loss.backward()
     assert math.isfinite(loss.item())
+
+
+def test_every_router_passes_gradient_to_its_input():
+    """One choice for every routed method: the router sees the hidden state itself (not detached), so the
+    routing gradient reaches earlier layers (SLIM detached it before, unlike MixLoRA, LoRAMoE and MoLA)."""
+    from slim_peft.adapters.methods.slim.layer import SlimRouter
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 32, generator=g)
+    probe = torch.randn(64, 2, generator=g)
+    slim = SlimRouter(32, sp.SlimConfig(num_lora_experts=3, num_identity_experts=1, top_k=2), seed=0).train()
+    stats = StatsRouter(32, 4, "normal", 0.02)
+    for route in (lambda x: slim.route(x, None)[1], lambda x: top_k_routing(stats(x), 2)[1]):
+        x = h.clone().requires_grad_()
+        (route(x) * probe).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
