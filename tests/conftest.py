@@ -149,6 +149,23 @@ def randomize(model, seed: int = 0, std: float = 0.2) -> None:
 
 # --------------------------------------------------------------------------------------------- tokenizer
 
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "fish"]
+
+
+def save_tiny_model(path: Path) -> Path:
+    """A 2-layer Llama (hidden 32) with a byte-level BPE tokenizer and a ChatML template, saved to `path`."""
+    texts = [f"Question: which {a} is {b}? A. {a} B. {b} C. {c} Answer: B" for a, b, c in
+             zip(WORDS, WORDS[3:] + WORDS[:3], WORDS[6:] + WORDS[:6], strict=True)] * 3
+    tok = make_tiny_tokenizer(texts)
+    model = tiny_llama(vocab_size=len(tok), **SAVED_LLAMA)
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.bos_token_id = tok.bos_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 
 def make_tiny_tokenizer(texts: list[str] | None = None):
     """A byte-level BPE tokenizer trained on a few strings, with a ChatML template (no download)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAVED_LLAMA, greedy, make_tiny_tokenizer, tiny_llama
+from conftest import WORDS, greedy, save_tiny_model
 
 import slim_peft as sp
 from slim_peft.cli.main import main
@@ -22,7 +22,6 @@ from slim_peft.training.checkpoint import list_checkpoints
 from slim_peft.training.job import coerce, parse_overrides, split_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone", "bird", "fish"]
 
 
 # ------------------------------------------------------------------------------------------- fixtures
@@ -31,17 +30,7 @@ WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 32) with a byte-level BPE tokenizer and a ChatML template, saved to disk."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    texts = [f"Question: which {a} is {b}? A. {a} B. {b} C. {c} Answer: B" for a, b, c in
-             zip(WORDS, WORDS[3:] + WORDS[:3], WORDS[6:] + WORDS[:6], strict=True)] * 3
-    tok = make_tiny_tokenizer(texts)
-    model = tiny_llama(vocab_size=len(tok), **SAVED_LLAMA)
-    model.config.pad_token_id = tok.pad_token_id
-    model.config.eos_token_id = tok.eos_token_id
-    model.config.bos_token_id = tok.bos_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +286,8 @@ def test_run_on_the_embedded_model_writes_every_report_file(tmp_path):
     for name in REPORT_FILES:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    card = (out / "adapter" / "README.md").read_text()  # the model card: training and the learn/forget table
+    assert "## Training" in card and "## Learned and forgotten" in card and "| boolq |" in card
     results = json.loads((out / "results.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = (out / "summary.md").read_text()

@@ -24,6 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from slim_peft.errors import AdapterError
 
+from .card import CARD_NAME, model_card
 from .config import AdapterConfig
 from .context import ForwardContext
 from .io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, base_fingerprint, check_base_model, config_from_saved
@@ -61,6 +62,7 @@ class AdapterModel(nn.Module):
             p.requires_grad_(False)
         self.method.inject(base_model, adapter_config, self.ctx)
         self._last_aux: dict[str, torch.Tensor] = {}
+        self.card_sections: dict[str, str] = {}  # title -> markdown, added to the model card (README.md)
         if adapter_config.base_model_name_or_path is None:
             adapter_config.base_model_name_or_path = getattr(base_model.config, "name_or_path", None)
 
@@ -210,6 +212,7 @@ class AdapterModel(nn.Module):
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             (tmp / CONFIG_NAME).write_text(json.dumps(self._config_json(), indent=2, sort_keys=True))
+            self.write_model_card(tmp)
             state = self.adapter_state_dict() if state_dict is None else state_dict
             save_file({k: v.cpu() for k, v in state.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             if target.exists():
@@ -222,6 +225,11 @@ class AdapterModel(nn.Module):
                 os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def write_model_card(self, directory: str | os.PathLike) -> None:
+        """README.md in `directory` (an adapter directory): base, method, config, parameters, `card_sections`."""
+        (Path(directory) / CARD_NAME).write_text(model_card(self._config_json(), *self.num_parameters(),
+                                                            self.card_sections))
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, adapter_dir: str | os.PathLike) -> AdapterModel:

@@ -5,6 +5,7 @@
     slim-peft eval --tasks arc_easy,piqa [--adapter DIR]
     slim-peft generate [--adapter DIR] "prompt"
     slim-peft inspect DIR                an adapter's (or a run's) config, sizes and routing statistics
+    slim-peft merge --adapter DIR --output OUT   the base with the adapter folded in (LoRA, DoRA, I-LoRA)
     slim-peft plan --model ID --method M trainable parameters, adapter size, optimizer state and activation memory
                                          of a run, from the model's config alone (meta device, no weights)
     slim-peft fetch                      prefetch the embedded model and data for offline use
@@ -25,7 +26,7 @@ from types import ModuleType
 
 from slim_peft.errors import NonFiniteLossError, SlimPeftError
 
-from . import bench, fetch, generate, inspect, plan, run, train
+from . import bench, fetch, generate, inspect, merge, plan, run, train
 from . import eval as eval_
 
 # command -> (module, help, description)
@@ -37,6 +38,7 @@ COMMANDS: dict[str, tuple[ModuleType, str, str | None]] = {
     "eval": (eval_, "evaluate a model (with an adapter) on tasks", None),
     "generate": (generate, "generate text with the model (and an adapter)", None),
     "inspect": (inspect, "an adapter's config, sizes and routing statistics", None),
+    "merge": (merge, "fold an adapter into its base model and write a model directory", None),
     "plan": (plan, "memory and size plan of a training run, without weights", None),
     "fetch": (fetch, "download and convert the embedded model and data", None),
     "bench": (bench, "run a benchmark script (source checkout)", None),

@@ -18,7 +18,7 @@ from slim_peft.adapters import config_from_dict
 from slim_peft.assets import EMBEDDED_MODEL
 from slim_peft.data import build_task_examples
 from slim_peft.evaluation import EvalResult, LearnForgetReport, evaluate, forgetting_report
-from slim_peft.reporting import write_run_report
+from slim_peft.reporting import forgetting_markdown, write_run_report
 from slim_peft.tasks import pad_token_id
 from slim_peft.training import (
     Trainer,
@@ -239,6 +239,11 @@ def run_learn_forget(cfg: LearnForgetConfig) -> RunResult:
             before=before, after=after, learn_forget=forgetting_report(before.merged(), after.merged()),
             timings_s=timings, output_dir=out_dir)
         write_run_report(run_dir, result.to_dict(), read_metrics(run_dir / "metrics.jsonl"))
+        model.card_sections["Learned and forgotten"] = (
+            f"Before/after on the test splits (downstream {', '.join(tasks)}: letter protocol; general: loglik), "
+            f"at most {cfg.eval_limit} questions per task, seed {cfg.seed}.\n\n"
+            + forgetting_markdown(result.learn_forget))
+        model.write_model_card(run_dir / "adapter")
         timings["report"] = time.perf_counter() - t
     return result
 

@@ -469,6 +469,8 @@ class Trainer:
         acc.wait_for_everyone()
         # every process gathers (FSDP-sharded adapters are collected whole), the main one writes
         gathered = unwrapped.adapter_state_dict() if hasattr(unwrapped, "save_pretrained") else None
+        if hasattr(unwrapped, "card_sections"):
+            unwrapped.card_sections["Training"] = self._training_card(state)
         if acc.is_main_process:
             adapter_dir = run_dir / "adapter"
             tmp = run_dir / ".tmp-adapter"
@@ -485,6 +487,18 @@ class Trainer:
             replace_dir(tmp, adapter_dir)
             write_json(run_dir / FINAL_STATE_FILE, dataclasses.asdict(state))
         acc.wait_for_everyone()
+
+
+    def _training_card(self, state: TrainerState) -> str:
+        """The model card's training section: data, steps, batch and the trajectory's hyper-parameters."""
+        args, acc = self.args, self.accelerator
+        global_batch = args.per_device_train_batch_size * acc.num_processes * args.gradient_accumulation_steps
+        rows = {"examples": len(self.train_dataset), "optimizer steps": state.global_step,
+                "global batch": global_batch, "tokens seen": state.tokens_seen * acc.num_processes,
+                "processes": acc.num_processes, "final loss": self.last_log.get("loss"),
+                **{k: getattr(args, k) for k in TRAJECTORY_FIELDS},
+                **{f"run: {k}": v for k, v in self.run_config.items()}}
+        return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows.items()])
 
 
 def enable_gradient_checkpointing(base: nn.Module) -> None:
