@@ -17,7 +17,6 @@ from slim_peft.adapters.methods.slim.layer import SlimLinear, check_exact_form_m
 from slim_peft.adapters.modules.clusters import SlidingClusters
 from slim_peft.adapters.modules.routing import StatsRouter, top_k_routing, top_p_routing
 from slim_peft.errors import ConfigError
-from slim_peft.training.trainer import enable_gradient_checkpointing
 
 CASES = sorted(method_configs())
 
@@ -34,7 +33,7 @@ def _train(model, gradient_checkpointing: bool, steps: int = 3):
     """`steps` SGD steps on one padded batch: the gradients of every step, the buffers at the end, and how many
     times the first decoder layer's FFN ran (a checkpointed run recomputes it in backward)."""
     if gradient_checkpointing:
-        enable_gradient_checkpointing(model.base_model)
+        model.activation_checkpointing_enable()
     layer_calls = []
     model.base_model.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_: layer_calls.append(1))
     model.train()
@@ -289,7 +288,7 @@ def test_collectives_run_in_the_first_forward_and_at_commit_never_in_a_recompute
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     phase = ["forward"]
     model = _model("slim", mask_ratio=0.0)
-    enable_gradient_checkpointing(model.base_model)
+    model.activation_checkpointing_enable()
     model.train()
     data = batch()
     for _ in range(2):
@@ -310,7 +309,7 @@ def test_the_grouped_mm_probe_does_not_disturb_a_checkpointed_autocast_forward()
 
     grouped_mm_available.cache_clear()
     model = _model("mixlora")
-    enable_gradient_checkpointing(model.base_model)
+    model.activation_checkpointing_enable()
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**batch()).loss

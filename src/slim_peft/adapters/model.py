@@ -51,6 +51,10 @@ class AdapterModel(nn.Module):
     returned flattened in row-major order.
     """
 
+    # transformers' Trainer: the loss is a mean over this micro-batch's supervised tokens (it scales it for
+    # gradient accumulation itself; no `num_items_in_batch` is passed in)
+    accepts_loss_kwargs = False
+
     def __init__(self, base_model: nn.Module, adapter_config: AdapterConfig) -> None:
         super().__init__()
         self.base_model = base_model
@@ -136,6 +140,22 @@ class AdapterModel(nn.Module):
     def load_training_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Inverse of `training_state`."""
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
+                                        **kwargs: Any) -> None:
+        """Checkpoint every decoder layer of the base model, non-reentrant unless asked otherwise: the recompute
+        then runs with autograd on, so tensors the adapters hand out of a layer (router logits for the
+        balance losses) keep their graph, and the adapters' statistics skip it (`modules/statistics.py`).
+        transformers' Trainer calls this when `gradient_checkpointing=True`."""
+        ckpt = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """The older name of `activation_checkpointing_enable` (transformers before 5.2x)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+
     def generate(self, *args: Any, **kwargs: Any):
         self.ctx.begin(kwargs.get("attention_mask"), None, collect_aux=False)
         return self.base_model.generate(*args, **kwargs)
@@ -211,10 +231,7 @@ class AdapterModel(nn.Module):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            (tmp / CONFIG_NAME).write_text(json.dumps(self._config_json(), indent=2, sort_keys=True))
-            self.write_model_card(tmp)
-            state = self.adapter_state_dict() if state_dict is None else state_dict
-            save_file({k: v.cpu() for k, v in state.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            self.write_adapter_files(tmp, state_dict)
             if target.exists():
                 old = target.with_name(f".{target.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -225,6 +242,20 @@ class AdapterModel(nn.Module):
                 os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def write_adapter_files(self, directory: str | os.PathLike,
+                            state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """adapter_config.json, adapter_model.safetensors and README.md into an existing `directory` (a
+        checkpoint of another trainer), each written to a temporary file and renamed into place."""
+        directory = Path(directory)
+        state = self.adapter_state_dict() if state_dict is None else state_dict
+        weights = directory / f".{WEIGHTS_NAME}.tmp"
+        save_file({k: v.cpu() for k, v in state.items()}, str(weights), metadata={"format": "pt"})
+        os.replace(weights, directory / WEIGHTS_NAME)
+        config = directory / f".{CONFIG_NAME}.tmp"
+        config.write_text(json.dumps(self._config_json(), indent=2, sort_keys=True))
+        os.replace(config, directory / CONFIG_NAME)
+        self.write_model_card(directory)
 
     def write_model_card(self, directory: str | os.PathLike) -> None:
         """README.md in `directory` (an adapter directory): base, method, config, parameters, `card_sections`."""

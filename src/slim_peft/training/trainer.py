@@ -276,7 +276,7 @@ class Trainer:
                              config_hash=config_hash(fp_config), config=fp_config)
         model = self.model
         if args.gradient_checkpointing:
-            enable_gradient_checkpointing(getattr(model, "base_model", model))
+            enable_gradient_checkpointing(model)
         model.train()
         optimizer = build_optimizer(_trainable_parameters(model), args)
         scheduler = build_scheduler(optimizer, args, total_steps)
@@ -501,15 +501,14 @@ class Trainer:
         return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows.items()])
 
 
-def enable_gradient_checkpointing(base: nn.Module) -> None:
-    """Checkpoint every decoder layer of a transformers model, non-reentrant: the recompute runs with autograd
-    on, so tensors the adapters hand out of a layer (router logits for the balance losses) keep their graph,
-    and the adapters' statistics skip it (`adapters/modules/statistics.py`)."""
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Checkpoint every decoder layer, non-reentrant (`AdapterModel.activation_checkpointing_enable`; a plain
+    transformers model directly)."""
     kwargs = {"use_reentrant": False}
-    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name warns there
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
