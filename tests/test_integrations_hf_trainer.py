@@ -87,3 +87,46 @@ def test_resume_from_an_adapter_only_checkpoint_reaches_the_same_adapter(name, t
     b = copy.deepcopy(resumed_model.adapter_state_dict())
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+def test_trl_sft_trainer_trains_an_adapter_model_with_adapter_only_checkpoints(tmp_path):
+    """TRL's SFTTrainer with `AdapterTrainerMixin`: prompt/completion chat rows, its own tokenisation and
+    completion-only labels; the loss is the AdapterModel's (auxiliary losses included)."""
+    pytest.importorskip("trl")
+    from conftest import save_tiny_model
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from slim_peft.integrations.hf_trainer import AdapterTrainerMixin, SlimPeftCallback
+
+    class SlimSFTTrainer(AdapterTrainerMixin, SFTTrainer):
+        pass
+
+    base, tokenizer = sp.load_base_model(str(save_tiny_model(tmp_path / "base")))
+    model = sp.get_adapter_model(base, sp.SlimConfig(r=4, num_lora_experts=3))
+    rows = [{"prompt": [{"role": "user", "content": f"which {w} is blue?"}],
+             "completion": [{"role": "assistant", "content": f"the {w}"}]} for w in ["red", "cat", "dog", "sun"] * 5]
+    aux_seen = []
+    model.register_forward_hook(lambda m, a, out: aux_seen.append(set(m.aux_losses())))
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=5, per_device_train_batch_size=4,
+                     gradient_accumulation_steps=2, learning_rate=5e-3, logging_steps=1, save_steps=5,
+                     report_to="none", use_cpu=True, gradient_checkpointing=True, disable_tqdm=True,
+                     bf16=False)  # SFTConfig's default bf16 leaves model.forward wrapped in autocast afterwards
+    trainer = SlimSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer, callbacks=[SlimPeftCallback()])
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses) == 5 and all(math.isfinite(v) for v in losses)
+    assert aux_seen and all("l1" in s for s in aux_seen)  # our forward ran, with SLIM's L1
+    ckpt = tmp_path / "out" / "checkpoint-5"
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    card = (ckpt / "README.md").read_text()
+    assert "- sft" in card or "- trl" in card  # TRL's model tags reach the card
+    loaded = sp.AdapterModel.from_pretrained(sp.load_base_model(str(tmp_path / "base"))[0], ckpt).eval()
+    model.eval()
+    mine, theirs = model.adapter_state_dict(), loaded.adapter_state_dict()
+    bad = [k for k in mine if not torch.equal(mine[k], theirs[k])]
+    assert not bad, bad[:5]
+    ids = tokenizer("which cat is blue?", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**ids).logits, model(**ids).logits, rtol=0, atol=0)

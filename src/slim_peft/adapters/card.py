@@ -9,13 +9,15 @@ from typing import Any
 CARD_NAME = "README.md"
 
 
-def model_card(saved_config: dict[str, Any], trainable: int, total: int, sections: dict[str, str]) -> str:
+def model_card(saved_config: dict[str, Any], trainable: int, total: int, sections: dict[str, str],
+               tags: list[str] | None = None) -> str:
     """Markdown with Hugging Face's YAML front matter, from the adapter_config.json contents."""
     cfg = saved_config.get("slim_peft", {}).get("config", {})
     method = cfg.get("method", saved_config.get("peft_type", "adapter"))
     base = saved_config.get("base_model_name_or_path") or "unknown"
     lines = ["---", f"base_model: {base}", "library_name: slim-peft", "tags:", "- slim-peft", f"- {method}",
-             "---", "", f"# {method} adapter for {base}", "",
+             *[f"- {t}" for t in tags or [] if t not in ("slim-peft", method)], "---", "",
+             f"# {method} adapter for {base}", "",
              f"Made with slim-peft (`{saved_config.get('peft_type')}` in adapter_config.json). Trainable "
              f"parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%).", "",
              "## Method configuration", "", "| field | value |", "|---|---|"]

@@ -67,6 +67,7 @@ class AdapterModel(nn.Module):
         self.method.inject(base_model, adapter_config, self.ctx)
         self._last_aux: dict[str, torch.Tensor] = {}
         self.card_sections: dict[str, str] = {}  # title -> markdown, added to the model card (README.md)
+        self.model_tags: list[str] = []  # the card's extra tags (TRL adds its own, as on transformers models)
         if adapter_config.base_model_name_or_path is None:
             adapter_config.base_model_name_or_path = getattr(base_model.config, "name_or_path", None)
 
@@ -74,6 +75,10 @@ class AdapterModel(nn.Module):
     @property
     def config(self):
         return self.base_model.config
+
+    @property
+    def generation_config(self):
+        return getattr(self.base_model, "generation_config", None)
 
     @property
     def device(self) -> torch.device:
@@ -257,10 +262,16 @@ class AdapterModel(nn.Module):
         os.replace(config, directory / CONFIG_NAME)
         self.write_model_card(directory)
 
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """Tags for the model card (transformers' `PreTrainedModel.add_model_tags`, which TRL calls)."""
+        for tag in [tags] if isinstance(tags, str) else tags:
+            if tag not in self.model_tags:
+                self.model_tags.append(tag)
+
     def write_model_card(self, directory: str | os.PathLike) -> None:
         """README.md in `directory` (an adapter directory): base, method, config, parameters, `card_sections`."""
         (Path(directory) / CARD_NAME).write_text(model_card(self._config_json(), *self.num_parameters(),
-                                                            self.card_sections))
+                                                            self.card_sections, self.model_tags))
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, adapter_dir: str | os.PathLike) -> AdapterModel:

@@ -55,6 +55,17 @@ class AdapterTrainerMixin:
         model = self.accelerator.unwrap_model(self.model)  # type: ignore[attr-defined]
         return model if isinstance(model, AdapterModel) else None
 
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """transformers' own `compute_loss` (the model's loss, auxiliary losses included) for an AdapterModel,
+        also under a subclass that computes its loss another way (TRL's SFTTrainer scores tokens with a fused
+        LM head on the backbone, which would skip the adapters' auxiliary losses; its token-accuracy and
+        entropy metrics are not logged then)."""
+        if self._adapter_model() is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        inputs = {k: v for k, v in inputs.items() if k != "fused_lm_head"}
+        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)  # type: ignore[arg-type]
+
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """6 N T, N all parameters (our `num_parameters()` is a (trainable, total) pair, not transformers' int)."""
         model = self._adapter_model()
