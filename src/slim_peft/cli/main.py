@@ -5,6 +5,7 @@
     slim-peft eval --tasks arc_easy,piqa [--adapter DIR]
     slim-peft generate [--adapter DIR] "prompt"
     slim-peft inspect DIR                an adapter's (or a run's) config, sizes and routing statistics
+    slim-peft lm-eval --adapter DIR --tasks arc_easy,gsm8k [lm-eval options]   lm-eval with our backend
     slim-peft merge --adapter DIR --output OUT   the base with the adapter folded in (LoRA, DoRA, I-LoRA)
     slim-peft plan --model ID --method M trainable parameters, adapter size, optimizer state and activation memory
                                          of a run, from the model's config alone (meta device, no weights)
@@ -26,7 +27,7 @@ from types import ModuleType
 
 from slim_peft.errors import NonFiniteLossError, SlimPeftError
 
-from . import bench, fetch, generate, inspect, merge, plan, run, train
+from . import bench, fetch, generate, inspect, lmeval, merge, plan, run, train
 from . import eval as eval_
 
 # command -> (module, help, description)
@@ -38,12 +39,13 @@ COMMANDS: dict[str, tuple[ModuleType, str, str | None]] = {
     "eval": (eval_, "evaluate a model (with an adapter) on tasks", None),
     "generate": (generate, "generate text with the model (and an adapter)", None),
     "inspect": (inspect, "an adapter's config, sizes and routing statistics", None),
+    "lm-eval": (lmeval, "lm-evaluation-harness's command line with our backend (any lm-eval option)", None),
     "merge": (merge, "fold an adapter into its base model and write a model directory", None),
     "plan": (plan, "memory and size plan of a training run, without weights", None),
     "fetch": (fetch, "download and convert the embedded model and data", None),
     "bench": (bench, "run a benchmark script (source checkout)", None),
 }
-TAKES_OVERRIDES = {"train"}  # commands whose unknown --key value arguments are config overrides
+TAKES_OVERRIDES = {"train", "lm-eval"}  # commands whose unknown --key value arguments are config overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
