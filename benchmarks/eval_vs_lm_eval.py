@@ -8,7 +8,13 @@ model object (lm-eval's ``HFLM(pretrained=model, tokenizer=tok, batch_size=16)``
 
 Targets: acc and acc_norm within 0.5 points of lm-eval; our wall time at most one third of lm-eval's.
 
+With ``--adapter DIR`` (an adapter trained by ``slim-peft run``, any method) our evaluator scores the adapted
+model and lm-eval runs through our backend (``SlimPeftLM(adapter=DIR)``, slim_peft/integrations/lm_eval_backend.py)
+on the same questions.
+
     python benchmarks/eval_vs_lm_eval.py            # writes benchmarks/results/eval_vs_lm_eval.md
+    python benchmarks/eval_vs_lm_eval.py --adapter runs/slim-X/adapter \
+        --output benchmarks/results/eval_vs_lm_eval_slim.md
 """
 
 from __future__ import annotations
@@ -94,11 +100,17 @@ def lm_eval_config(name: str) -> dict[str, Any]:
     return cfg
 
 
-def run_lm_eval(model, tok, tasks: list[str], limit: int, batch_size: int) -> tuple[dict, float, float]:
+def run_lm_eval(model, tok, tasks: list[str], limit: int, batch_size: int, adapter: str | None = None
+                ) -> tuple[dict, float, float]:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
+    if adapter:  # our backend: its own copy of the base model with the adapter inside
+        from slim_peft.integrations.lm_eval_backend import SlimPeftLM
+
+        lm = SlimPeftLM(adapter=adapter, batch_size=batch_size)
+    else:
+        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
     cfgs = [lm_eval_config(t) for t in tasks]
     return timed(
         lambda: lm_eval.simple_evaluate(
@@ -165,7 +177,7 @@ def markdown(args, ours_runs, lm, versions, work) -> str:
     lines = [
         "# Our loglik evaluator vs lm-evaluation-harness 0.4.13",
         "",
-        f"Embedded SmolLM2-135M-Instruct (fp32), tasks {', '.join(args.tasks)}, "
+        f"Embedded SmolLM2-135M-Instruct (fp32){args.adapter_note}, tasks {', '.join(args.tasks)}, "
         f"first {args.limit} validation questions each (`--split full --limit {args.limit}`), "
         f"batch {args.batch_size}, protocol loglik.",
         "",
@@ -258,6 +270,8 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--skip-lm-eval", action="store_true")
+    p.add_argument("--adapter", default=None, help="an adapter directory: score the adapted model, lm-eval "
+                                                   "through our backend")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--output", default=str(HERE / "results" / "eval_vs_lm_eval.md"))
     args = p.parse_args()
@@ -272,8 +286,16 @@ def main() -> int:
     import slim_peft
     from slim_peft.assets import load_base_model
 
-    model, tok = load_base_model()
-    model.eval()
+    base, tok = load_base_model()
+    base.eval()
+    model = base
+    args.adapter_note = ""
+    if args.adapter:
+        from slim_peft.adapters import AdapterModel
+
+        model = AdapterModel.from_pretrained(base, args.adapter).eval()
+        args.adapter_note = (f" + the {model.adapter_config.method} adapter {args.adapter} (lm-eval through our "
+                             f"`slim-peft` backend)")
     versions = {
         "transformers": transformers.__version__,
         "slim_peft": slim_peft.__version__,
@@ -293,12 +315,12 @@ def main() -> int:
     print(f"ours: {ours_runs[0][1]:.1f} s wall", file=sys.stderr)
     lm = None
     if have_lm_eval:
-        lm = run_lm_eval(model, tok, args.tasks, args.limit, args.batch_size)
+        lm = run_lm_eval(model, tok, args.tasks, args.limit, args.batch_size, args.adapter)
         print(f"lm-eval: {lm[1]:.1f} s wall", file=sys.stderr)
         ours_runs.append(run_ours(model, tok, args.tasks, args.limit, args.batch_size))
         print(f"ours (again): {ours_runs[1][1]:.1f} s wall", file=sys.stderr)
     versions["load_after"] = load_avg()
-    work = work_counts(model, tok, args.tasks, args.limit, args.batch_size)
+    work = work_counts(base, tok, args.tasks, args.limit, args.batch_size)
     text = markdown(args, ours_runs, lm, versions, work)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,7 @@ def test_a_routed_adapter_is_refused_with_the_reason_before_loading(base_dir, tm
     assert main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert f"a {cfg.method} adapter cannot be merged" in err and "slim-peft generate --adapter" in err
+    assert "slim-peft lm-eval --adapter" in err
     assert not (tmp_path / "m").exists()
 
 

@@ -41,9 +41,9 @@ def merge_refusal(method: str) -> str | None:
     reason = get_method(method).merge_refusal
     if reason is None:
         return None
-    return (f"a {method} adapter cannot be merged into a plain model: {reason} Use it through slim-peft instead "
-            f"(`slim-peft generate --adapter DIR`, `slim-peft eval --adapter DIR`, or "
-            f"`AdapterModel.from_pretrained`).")
+    return (f"a {method} adapter cannot be merged into a plain model: {reason} Use it through slim-peft instead: "
+            f"`slim-peft generate --adapter DIR`, `slim-peft lm-eval --adapter DIR --tasks ...` (lm-eval's tasks "
+            f"with our backend), `slim-peft eval --adapter DIR`, or `AdapterModel.from_pretrained`.")
 
 
 def export_merged(adapter_dir: str | os.PathLike, output: str | os.PathLike, model: str | None = None,
