@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import WORDS, randomize, save_tiny_model
+from conftest import WORDS, method_configs, randomize, save_tiny_model
 
 import slim_peft as sp
 
@@ -135,3 +135,28 @@ def test_the_cli_runs_lm_evals_command_line_with_our_backend(tmp_path, tasks_dir
     assert code == 0
     written = list(out.rglob("results*.json"))
     assert written and "toy_choice" in json.loads(written[0].read_text())["results"]
+
+
+@pytest.mark.parametrize("name", sorted(method_configs()))
+def test_every_method_scores_through_the_backend_as_through_our_model(tmp_path, tasks_dir, name):
+    """The backend's log-likelihoods are those of the AdapterModel itself, for every method."""
+    from lm_eval.api.instance import Instance
+
+    from slim_peft.integrations.lm_eval_backend import SlimPeftLM
+
+    base_dir = save_tiny_model(tmp_path / "base")
+    adapter = _adapter(tmp_path, base_dir, method_configs(r=4)[name])
+    lm = SlimPeftLM(adapter=str(adapter), batch_size=2)
+    request = Instance("loglikelihood", {}, ("Question: which word is red? Answer:", " red"), 0)
+    (ll, _), = lm.loglikelihood([request], disable_tqdm=True)
+    tok = lm.tokenizer
+    ctx = tok("Question: which word is red? Answer:", add_special_tokens=False)["input_ids"]
+    whole = tok("Question: which word is red? Answer: red", add_special_tokens=False)["input_ids"]
+    import torch
+
+    ids = torch.tensor([whole])
+    model = sp.AdapterModel.from_pretrained(sp.load_base_model(str(base_dir))[0], adapter).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    expected = sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
+    assert ll == pytest.approx(expected, abs=1e-4)
