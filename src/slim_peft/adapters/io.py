@@ -3,6 +3,8 @@ and reading a saved config back (ours, or a stock PEFT LoRA/DoRA one)."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,15 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     fp = {k: getattr(cfg, k, None) for k in FINGERPRINT_KEYS}
     fp["name_or_path"] = getattr(cfg, "name_or_path", None)
     return fp
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], AdapterConfig]:
+    """(the raw adapter_config.json, our config from it) of an adapter directory; a clear error otherwise."""
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"{adapter_dir} holds no {CONFIG_NAME}: not an adapter directory")
+    raw = json.loads(path.read_text())
+    return raw, config_from_saved(raw, path)
 
 
 def config_from_saved(raw: dict[str, Any], path: Path) -> AdapterConfig:

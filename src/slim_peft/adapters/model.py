@@ -27,7 +27,7 @@ from slim_peft.errors import AdapterError
 from .card import CARD_NAME, model_card
 from .config import AdapterConfig
 from .context import ForwardContext
-from .io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, base_fingerprint, check_base_model, config_from_saved
+from .io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, base_fingerprint, check_base_model, read_adapter_config
 from .modules.statistics import commit_pending, full_tensor
 from .registry import MethodSpec, get_method
 from .targeting import find_targets
@@ -278,11 +278,7 @@ class AdapterModel(nn.Module):
         """Load an adapter saved by `save_pretrained` (or a plain PEFT LoRA/DoRA adapter) onto `base_model`.
         Refuses an adapter trained on a base of another architecture or shape, naming the mismatch."""
         adapter_dir = Path(adapter_dir)
-        cfg_path = adapter_dir / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise AdapterError(f"{adapter_dir} holds no {CONFIG_NAME}: not an adapter directory")
-        raw = json.loads(cfg_path.read_text())
-        cfg = config_from_saved(raw, cfg_path)
+        raw, cfg = read_adapter_config(adapter_dir)
         check_base_model(base_model, raw.get("slim_peft", {}).get("base_model"), adapter_dir)
         weights = adapter_dir / WEIGHTS_NAME
         if not weights.is_file():

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from slim_peft.adapters import AdapterModel
-from slim_peft.adapters.io import CONFIG_NAME
+from slim_peft.adapters.io import read_adapter_config
 from slim_peft.assets import EMBEDDED_MODEL
-from slim_peft.errors import CLIError
 from slim_peft.evaluation.generation import generate_text
 from slim_peft.experiments.setup import load_base
 
@@ -29,11 +26,9 @@ def command(args: argparse.Namespace) -> int:
     """``slim-peft generate``: the base model (with an adapter) continues a prompt."""
     model_name = args.model
     if args.adapter:
-        cfg_path = Path(args.adapter) / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise CLIError(f"{args.adapter} holds no {CONFIG_NAME}: not an adapter directory")
+        raw, _ = read_adapter_config(args.adapter)
         if model_name is None:
-            model_name = json.loads(cfg_path.read_text()).get("base_model_name_or_path") or EMBEDDED_MODEL
+            model_name = raw.get("base_model_name_or_path") or EMBEDDED_MODEL
     base, tokenizer = load_base(model_name or EMBEDDED_MODEL)
     model = AdapterModel.from_pretrained(base, args.adapter) if args.adapter else base
     print(generate_text(model, tokenizer, args.prompt, chat=not args.no_chat_template,

@@ -7,19 +7,12 @@ import json
 from typing import Any
 
 from slim_peft.reporting.adapter_info import adapter_info
+from slim_peft.training.plan import human_bytes
 
 
 def add_arguments(ins: argparse.ArgumentParser) -> None:
     ins.add_argument("dir", help="adapter directory or run directory")
     ins.add_argument("--json", action="store_true", help="print JSON")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def command(args: argparse.Namespace) -> int:
@@ -36,7 +29,7 @@ def command(args: argparse.Namespace) -> int:
         print(f"  {k}: {v}")
     print("files:")
     for name, size in info["files"].items():
-        print(f"  {name}: {_human(size)}")
+        print(f"  {name}: {human_bytes(size)}")
     groups = info["tensor_elements_by_kind"]
     print(f"adapter tensors: {info['tensor_elements']:,} elements ("
           + ", ".join(f"{k} {v:,}" for k, v in groups.items()) + ")")

@@ -9,7 +9,6 @@ refused with its reason before the base model is loaded.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from slim_peft.adapters import AdapterModel, get_method
-from slim_peft.adapters.io import CONFIG_NAME, config_from_saved
+from slim_peft.adapters.io import read_adapter_config
 from slim_peft.assets import EMBEDDED_MODEL
 from slim_peft.errors import AdapterError, OutputDirError
 from slim_peft.experiments.setup import load_base
@@ -28,11 +27,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def saved_adapter(adapter_dir: str | os.PathLike) -> tuple[str, str]:
     """(method, base model name) of a saved adapter directory; a clear error for anything else."""
-    path = Path(adapter_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterError(f"{adapter_dir} holds no {CONFIG_NAME}: not an adapter directory")
-    raw = json.loads(path.read_text())
-    cfg = config_from_saved(raw, path)
+    raw, cfg = read_adapter_config(adapter_dir)
     return cfg.method, raw.get("base_model_name_or_path") or EMBEDDED_MODEL
 
 

@@ -58,6 +58,8 @@ from slim_peft.adapters.methods.slim.layer import SlimLinear, SlimRouter
 from slim_peft.adapters.modules.experts import choose_dispatch
 from slim_peft.adapters.targeting import layer_index
 
+from .trainer import enable_gradient_checkpointing
+
 # --- sizes ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -373,10 +375,7 @@ def _checkpointing(model: nn.Module) -> Iterator[_Storages]:
     # transformers 5 names it activation checkpointing (the old names warn); 4.x only has the old names
     new_api = hasattr(base, "activation_checkpointing_enable")
     was_on = base.is_activation_checkpointing if new_api else base.is_gradient_checkpointing
-    if new_api:
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)
     storages = _Storages(model)
     layers = _decoder_layers(model)
     originals = [layer._gradient_checkpointing_func for layer in layers]

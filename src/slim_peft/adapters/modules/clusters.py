@@ -144,13 +144,6 @@ class SlidingClusters(nn.Module):
         mean_rho = rho_stats[0] / rho_stats[1].clamp(min=1)
         self.tau.copy_(torch.where(rho_stats[1] > 0, (1 - m) * self.tau + m * mean_rho, self.tau))
 
-    def update(self, h: torch.Tensor, w: torch.Tensor, k: torch.Tensor, rho: torch.Tensor,
-               dev: torch.Tensor | None = None) -> None:
-        """`accumulate` then apply at once (one process or all processes together): the state moves now."""
-        self.accumulate(h, w, k, rho, dev)
-        sums = self.pending_sums()
-        self.apply_pending(all_reduce_sum_(sums))
-
 
 def _global_offset(n_local: int, device: torch.device) -> tuple[int, int]:
     """(number of valid tokens on the processes before this one, total over all processes)."""

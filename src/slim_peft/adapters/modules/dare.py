@@ -96,10 +96,12 @@ class ReplayableKeepMask:
 
     def replay(self) -> torch.Tensor:
         """The same mask again; the global RNG is left as it was."""
-        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device],
-                                   device_type=self.device.type if self.device.type != "cpu" else "cuda"):
-            _set_rng_state(self.device, self.rng_state)
+        current = _rng_state(self.device)
+        _set_rng_state(self.device, self.rng_state)
+        try:
             return drop_keep_mask(self.shape, self.p, None, self.device)
+        finally:
+            _set_rng_state(self.device, current)
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
