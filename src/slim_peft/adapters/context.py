@@ -12,21 +12,24 @@ class ForwardContext:
     """State one forward pass shares between the adapter layers and the model.
 
     `token_mask` ([B, S] bool, True for real tokens) lets routers ignore padding; `sample_type` ([B]) is
-    LoRAMoE's per-sample type; layers append router logits and add per-forward losses to `aux` (unless
+    LoRAMoE's per-sample type; in a packed batch `sequence_ids` ([B, S], each token's example, -1 on padding)
+    and `sample_type` has one entry per example; layers append router logits and add per-forward losses to `aux` (unless
     `collect_aux` is off: generation, where no loss is read).
     """
 
     token_mask: torch.Tensor | None = None
     sample_type: torch.Tensor | None = None
+    sequence_ids: torch.Tensor | None = None
     router_logits: list[torch.Tensor] = field(default_factory=list)
     router_masks: list[torch.Tensor | None] = field(default_factory=list)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     collect_aux: bool = True
 
     def begin(self, attention_mask: torch.Tensor | None, sample_type: torch.Tensor | None,
-              collect_aux: bool = True) -> None:
+              collect_aux: bool = True, sequence_ids: torch.Tensor | None = None) -> None:
         self.token_mask = attention_mask.bool() if attention_mask is not None else None
         self.sample_type = sample_type
+        self.sequence_ids = sequence_ids
         self.collect_aux = collect_aux
         self.router_logits.clear()
         self.router_masks.clear()

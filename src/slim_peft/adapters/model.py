@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from slim_peft.data.batching import packed_attention_mask
 from slim_peft.errors import AdapterError
 
 from .card import CARD_NAME, model_card
@@ -54,6 +55,7 @@ class AdapterModel(nn.Module):
     # transformers' Trainer: the loss is a mean over this micro-batch's supervised tokens (it scales it for
     # gradient accumulation itself; no `num_items_in_batch` is passed in)
     accepts_loss_kwargs = False
+    supports_packing = True  # data.PackingCollator batches (a method with per-row state may say False)
 
     def __init__(self, base_model: nn.Module, adapter_config: AdapterConfig) -> None:
         super().__init__()
@@ -86,8 +88,13 @@ class AdapterModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, sample_type: torch.Tensor | None = None,
-                logits_mask: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
-        self.ctx.begin(attention_mask, sample_type)
+                logits_mask: torch.Tensor | None = None, sequence_ids: torch.Tensor | None = None,
+                **kwargs: Any) -> CausalLMOutputWithPast:
+        self.ctx.begin(attention_mask, sample_type, sequence_ids=sequence_ids)
+        if sequence_ids is not None:  # a packed batch (data.PackingCollator): each example attends to itself
+            attention_mask = packed_attention_mask(
+                sequence_ids, getattr(self.base_model.config, "_attn_implementation", None),
+                self.base_model.get_input_embeddings().weight.dtype)
         if labels is None and logits_mask is None:
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             self._collect_aux()

@@ -3,13 +3,16 @@ batching and a resumable seeded order."""
 
 from slim_peft.errors import DataError
 
-from .batching import Collator, SeededBatchOrder, dataset_fingerprint, shard
-from .chat import encode_conversation, encode_row
+from .batching import Collator, PackingCollator, SeededBatchOrder, dataset_fingerprint, packed_attention_mask, shard
+from .chat import build_row_examples, encode_conversation, encode_row
 from .encode import IGNORE_INDEX, TokenizedExample, build_task_examples, encode_example, end_of_turn_text
 from .schemas import FORMATS, Message, Row, detect_format, parse_row
+from .sources import DataSource, SourcedRow, held_out_split, parse_sources, read_source, read_sources
 
 __all__ = [
-    "FORMATS", "IGNORE_INDEX", "Collator", "DataError", "Message", "Row", "SeededBatchOrder", "TokenizedExample",
-    "build_task_examples", "dataset_fingerprint", "detect_format", "encode_conversation", "encode_example",
-    "encode_row", "end_of_turn_text", "parse_row", "shard",
+    "FORMATS", "IGNORE_INDEX", "Collator", "DataError", "DataSource", "Message", "PackingCollator", "Row",
+    "SeededBatchOrder", "SourcedRow", "TokenizedExample", "build_row_examples", "build_task_examples",
+    "dataset_fingerprint", "detect_format", "encode_conversation", "encode_example", "encode_row",
+    "end_of_turn_text", "held_out_split", "packed_attention_mask", "parse_row", "parse_sources", "read_source",
+    "read_sources", "shard",
 ]

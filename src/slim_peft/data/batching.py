@@ -103,3 +103,81 @@ def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
     """Process ``rank``'s contiguous slice of a global micro-batch."""
     per = len(indices) // world_size
     return list(indices[rank * per:(rank + 1) * per])
+
+
+@dataclass
+class PackingCollator:
+    """Packs a micro-batch's examples into as few rows of at most `max_length` tokens as it can (first fit,
+    longest first; examples of different `sample_type` never share a row), for less padding.
+
+    Each packed example keeps its own positions (`position_ids` restart at 0) and attends only to itself:
+    `sequence_ids` ([R, L], the example's index in the batch, -1 on padding; `sample_type` is per example)
+    becomes a block-diagonal causal mask in `AdapterModel.forward` (`packed_attention_mask`). The loss is the
+    mean over the supervised tokens of the micro-batch, so it equals the unpacked batch's (tested);
+    `attention_mask` marks real tokens.
+    """
+
+    pad_token_id: int
+    max_length: int
+
+    def rows(self, examples: Sequence[TokenizedExample]) -> list[list[int]]:
+        """Indices of the examples in each packed row."""
+        order = sorted(range(len(examples)), key=lambda i: (examples[i].sample_type, -len(examples[i])))
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i in order:
+            n = len(examples[i])
+            if n > self.max_length:
+                raise DataError(f"an example of {n} tokens is longer than max_seq_length={self.max_length}")
+            fit = next((r for r, free in enumerate(room) if free >= n and
+                        examples[rows[r][0]].sample_type == examples[i].sample_type), None)
+            if fit is None:
+                rows.append([i])
+                room.append(self.max_length - n)
+            else:
+                rows[fit].append(i)
+                room[fit] -= n
+        return rows
+
+    def __call__(self, examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise DataError("cannot collate an empty batch")
+        rows = self.rows(examples)
+        width = max(sum(len(examples[i]) for i in row) for row in rows)
+        n = len(rows)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((n, width), dtype=torch.long)
+        sequence_ids = torch.full((n, width), -1, dtype=torch.long)
+        order = [i for row in rows for i in row]  # example j of the batch (sequence id j) in row order
+        j = 0
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                ex, k = examples[i], len(examples[i])
+                input_ids[r, at:at + k] = torch.tensor(ex.input_ids, dtype=torch.long)
+                labels[r, at:at + k] = torch.tensor(ex.labels, dtype=torch.long)
+                position_ids[r, at:at + k] = torch.arange(k)
+                sequence_ids[r, at:at + k] = j
+                at += k
+                j += 1
+        sample_type = torch.tensor([examples[i].sample_type for i in order], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": (sequence_ids >= 0).long(), "labels": labels,
+                "position_ids": position_ids, "sequence_ids": sequence_ids, "sample_type": sample_type}
+
+
+def packed_attention_mask(sequence_ids: torch.Tensor, attn_implementation: str | None,
+                          dtype: torch.dtype) -> torch.Tensor | None:
+    """The 4D mask [R, 1, L, L] of packed rows: token q attends to k <= q of its own example (padding only
+    to itself). Boolean (True = attend) for SDPA, additive (0 / min) for eager attention; None for flash
+    attention, which reads the restarting `position_ids` instead."""
+    if attn_implementation and "flash" in attn_implementation:
+        return None
+    length = sequence_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=sequence_ids.device).tril()
+    same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
+    allowed = (same & causal)[:, None]
+    if attn_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
+                                                                                       torch.finfo(dtype).min)

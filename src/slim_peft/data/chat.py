@@ -14,12 +14,14 @@ remains; a single turn still too long loses tokens from the left; `encode_row` r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from slim_peft.errors import DataError
 
 from .encode import IGNORE_INDEX, TokenizedExample, end_of_turn_text
 from .schemas import Message, Row
+from .sources import SourcedRow
 
 
 def _render(tokenizer: Any, messages: list[Message], generation_prompt: bool) -> str:
@@ -97,3 +99,23 @@ def _drop_first_turn(messages: list[Message]) -> list[Message]:
     head = messages[:1] if messages[0].role == "system" else []
     body = messages[len(head):]
     return head + body[2:]
+
+
+def build_row_examples(tokenizer: Any, rows: Sequence[SourcedRow], *, max_seq_length: int
+                       ) -> tuple[list[TokenizedExample], dict[str, int]]:
+    """Training sequences of parsed rows (`sources.read_sources`), and counts: rows per source and
+    "truncated" (rows that lost turns or tokens to `max_seq_length`). A row that cannot be encoded is a
+    `DataError` naming its file and line."""
+    out: list[TokenizedExample] = []
+    counts: dict[str, int] = {}
+    truncated = 0
+    for r in rows:
+        try:
+            ex, cut = encode_row(tokenizer, r.row, max_seq_length=max_seq_length)
+        except DataError as e:
+            raise DataError(f"{r.where}: {e}") from None
+        out.append(ex)
+        counts[r.source] = counts.get(r.source, 0) + 1
+        truncated += int(cut)
+    counts["truncated"] = truncated
+    return out, counts

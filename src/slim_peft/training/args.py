@@ -41,6 +41,7 @@ class TrainingArguments:
     report_to: list[str] | str = "jsonl"  # "jsonl" is always on; add "tensorboard"; "none" = jsonl only
     max_seq_length: int = 512
     group_by_length: bool = False
+    packing: bool = False  # each micro-batch's sequences packed into rows of max_seq_length (data/batching.py)
     torch_num_threads: int = 0  # 0: the CPU cores available divided among this machine's processes
     disable_tqdm: bool = False
 
@@ -88,5 +89,5 @@ class TrainingArguments:
 TRAJECTORY_FIELDS = (
     "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "gradient_accumulation_steps",
     "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_ratio", "max_grad_norm", "bf16", "seed",
-    "max_seq_length", "group_by_length",
+    "max_seq_length", "group_by_length", "packing",
 )

@@ -77,8 +77,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from slim_peft.data import Collator, SeededBatchOrder, TokenizedExample, dataset_fingerprint, shard
-from slim_peft.errors import DataError, NonFiniteLossError, TrainingError
+from slim_peft.data import Collator, PackingCollator, SeededBatchOrder, TokenizedExample, dataset_fingerprint, shard
+from slim_peft.errors import ConfigError, DataError, NonFiniteLossError, TrainingError
 
 from .args import TRAJECTORY_FIELDS, TrainingArguments
 from .checkpoint import (
@@ -174,12 +174,16 @@ class Trainer:
                  callbacks: Sequence[Callable[[Trainer], None]] = ()):
         if not train_dataset:
             raise DataError("the training data is empty")
+        if args.packing and not getattr(model, "supports_packing", True):
+            raise ConfigError(f"packing is not supported by {type(model).__name__} (its replay buffer keeps whole "
+                              f"rows, which packing would mix); set packing: false")
         self.model = model
         self.args = args
         self.train_dataset = list(train_dataset)
         self.eval_dataset = list(eval_dataset) if eval_dataset else []
         self.eval_fn = eval_fn
-        self.collator = Collator(pad_token_id)
+        self.collator = PackingCollator(pad_token_id, args.max_seq_length) if args.packing else \
+            Collator(pad_token_id)
         self.run_config = dict(run_config or {})
         self.callbacks = list(callbacks)
         self.state = TrainerState()

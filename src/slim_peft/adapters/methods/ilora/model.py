@@ -36,6 +36,8 @@ class ILoraModel(AdapterModel):
     """AdapterModel whose training forward adds experience replay and the consistency loss, and whose
     `after_optimizer_step` moves the slow learner (module docstring for the rules)."""
 
+    supports_packing = False  # the replay buffer stores whole rows
+
     def __init__(self, base_model: nn.Module, adapter_config: AdapterConfig) -> None:
         super().__init__(base_model, adapter_config)
         assert isinstance(adapter_config, ILoraConfig)

@@ -40,13 +40,23 @@ from .config import LoraMoeConfig
 
 
 def localized_balance_loss(gates: torch.Tensor, mask: torch.Tensor | None, sample_type: torch.Tensor | None,
-                           delta: float, form: str = "paper") -> torch.Tensor:
+                           delta: float, form: str = "paper", sample_ids: torch.Tensor | None = None
+                           ) -> torch.Tensor:
     """L_lbc of one adapted linear from its router probabilities `gates` (B x S x E, fp32), the token mask
-    (B x S, True for real tokens; None: all real) and the sample types (B; None: all downstream = 1)."""
+    (B x S, True for real tokens; None: all real) and the sample types (B; None: all downstream = 1).
+    A packed batch (`sample_ids`, B x S: each token's sample, -1 on padding) has one type per sample."""
     B, _, E = gates.shape
-    if mask is not None:
-        gates = gates * mask.unsqueeze(-1).to(gates.dtype)
-    Q = gates.sum(1).t()  # E x B: Q[n, m]
+    if sample_ids is not None:  # Q[n, m] over the tokens of sample m wherever its row is
+        assert sample_type is not None
+        B = sample_type.numel()
+        keep = sample_ids.reshape(-1) >= 0
+        flat = gates.reshape(-1, E)[keep]
+        Q = torch.zeros(E, B, dtype=gates.dtype, device=gates.device).index_add_(
+            1, sample_ids.reshape(-1)[keep], flat.t())
+    else:
+        if mask is not None:
+            gates = gates * mask.unsqueeze(-1).to(gates.dtype)
+        Q = gates.sum(1).t()  # E x B: Q[n, m]
     group = (torch.arange(E, device=gates.device) >= E // 2).long()  # 0: world knowledge, 1: downstream
     types = sample_type.reshape(-1).long() if sample_type is not None else \
         torch.ones(B, dtype=torch.long, device=gates.device)
@@ -86,11 +96,13 @@ class LoraMoeLinear(nn.Module):
         delta = dense_mixture(x_drop, self.experts.lora_A, self.experts.lora_B, gates)
         rows = x.shape[0] if x.dim() == 3 else 1
         m = mask.view(rows, -1) if mask is not None else None
-        st = self.ctx.sample_type
-        if st is not None and st.numel() != rows:
+        st, ids = self.ctx.sample_type, self.ctx.sequence_ids
+        if ids is not None and (ids.numel() != xt.shape[0] or st is None):
+            ids = None
+        if ids is None and st is not None and st.numel() != rows:
             st = None
         self.ctx.add_aux("lbc", localized_balance_loss(gates.view(rows, -1, E), m, st, self.cfg.lbc_alpha,
-                                                       self.cfg.lbc_form))
+                                                       self.cfg.lbc_form, ids))
         return result + (self.scaling * delta).view(*x.shape[:-1], -1).to(result.dtype)
 
 
