@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from slim_peft.data import build_task_examples
+from slim_peft.data import build_row_examples, build_task_examples, parse_sources, read_sources
 from slim_peft.evaluation import evaluate
 from slim_peft.experiments.setup import attach_adapter, load_base, register_tasks
 from slim_peft.tasks import pad_token_id
@@ -37,11 +37,19 @@ def command(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     targs, data, adapter_cfg = split_config(flat)
     tasks = register_tasks(data.tasks)
     eval_tasks = register_tasks(data.eval_tasks)
+    rows = None
+    if data.data:  # every row read and validated before the model is loaded
+        rows = read_sources(parse_sources(data.data, split=data.data_split, subset=data.data_subset,
+                                          data_format=data.data_format), seed=targs.seed)
+        rows = rows[:data.max_train_samples] if data.max_train_samples else rows
 
     say(f"loading {data.model_name_or_path} ...")
     base, tokenizer = load_base(data.model_name_or_path)
-    examples, counts = build_task_examples(tokenizer, tasks, split=data.train_split, limit=data.max_train_samples,
-                                           max_seq_length=targs.max_seq_length)
+    if rows is not None:
+        examples, counts = build_row_examples(tokenizer, rows, max_seq_length=targs.max_seq_length)
+    else:
+        examples, counts = build_task_examples(tokenizer, tasks, split=data.train_split,
+                                               limit=data.max_train_samples, max_seq_length=targs.max_seq_length)
     say(f"training data: {len(examples)} examples ({counts})")
     seed_everything(targs.seed)
     model = attach_adapter(base, adapter_cfg, data.model_name_or_path)
@@ -55,7 +63,7 @@ def command(args: argparse.Namespace, overrides: Sequence[str]) -> int:
                            seed=targs.seed)
             return {name: float(r.score) for name, r in res.tasks.items()}
 
-    run_config = {"model": data.model_name_or_path, "tasks": tasks, "train_split": data.train_split,
+    run_config = {"model": data.model_name_or_path, "tasks": tasks, "data": data.data, "train_split": data.train_split,
                   "max_train_samples": data.max_train_samples}
     trainer = Trainer(model, targs, examples, pad_token_id=pad_token_id(tokenizer), eval_fn=eval_fn,
                       run_config=run_config)

@@ -98,13 +98,28 @@ def parse_sources(spec: str | Sequence[Any], *, split: str = "train", subset: st
     return out
 
 
-# name -> a function returning raw rows (dicts) and what they are; filled by `register_embedded_data`
-EMBEDDED_DATA: dict[str, tuple[Callable[[], list[dict[str, Any]]], str]] = {}
+@dataclass(frozen=True)
+class EmbeddedData:
+    """A data set built from the shipped files: how to make its raw rows, what it is, and the evaluation tasks
+    it was drawn from (a run that trains on it keeps those out of its general suite)."""
+
+    load: Callable[[], list[dict[str, Any]]]
+    description: str
+    related_tasks: tuple[str, ...] = ()
 
 
-def register_embedded_data(name: str, load: Callable[[], list[dict[str, Any]]], description: str) -> None:
-    """Make `name` a data source (the demo set of `slim_peft.tasks.freeform`)."""
-    EMBEDDED_DATA[name] = (load, description)
+# name -> the embedded data set; filled by `register_embedded_data`
+EMBEDDED_DATA: dict[str, EmbeddedData] = {}
+
+
+def register_embedded_data(name: str, data: EmbeddedData) -> None:
+    """Make `name` a data source (the demo set of `slim_peft.data.demo`)."""
+    EMBEDDED_DATA[name] = data
+
+
+def related_tasks(sources: Sequence[DataSource]) -> set[str]:
+    """The evaluation tasks the embedded sources among `sources` were drawn from."""
+    return {t for s in sources if s.path in EMBEDDED_DATA for t in EMBEDDED_DATA[s.path].related_tasks}
 
 
 def read_source(source: DataSource) -> list[SourcedRow]:
@@ -158,7 +173,7 @@ def held_out_split(rows: Sequence[SourcedRow], test_fraction: float) -> tuple[li
 # ------------------------------------------------------------------------------------------------ readers
 def _raw_rows(source: DataSource) -> list[tuple[str, Any]]:
     if source.path in EMBEDDED_DATA:
-        return [(f"{source.path}:{i + 1}", r) for i, r in enumerate(EMBEDDED_DATA[source.path][0]())]
+        return [(f"{source.path}:{i + 1}", r) for i, r in enumerate(EMBEDDED_DATA[source.path].load())]
     path = Path(source.path).expanduser()
     if path.is_file():
         reader = FILE_READERS.get(path.suffix.lower())

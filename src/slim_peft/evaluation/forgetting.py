@@ -49,7 +49,7 @@ def _check_comparable(name: str, b: TaskResult, a: TaskResult) -> None:
         if getattr(b, key) != getattr(a, key):
             raise ConfigError(f"{name}: base and adapted results differ in {key} ({getattr(b, key)} vs "
                               f"{getattr(a, key)}); compare like with like")
-    if b.split["name"] != a.split["name"] or b.split["test_fraction"] != a.split["test_fraction"]:
+    if any(b.split.get(k) != a.split.get(k) for k in ("name", "test_fraction")):
         raise ConfigError(f"{name}: base and adapted results were computed on different splits")
 
 
@@ -57,7 +57,8 @@ def task_delta(b: TaskResult, a: TaskResult) -> TaskDelta:
     """One task's row of the report."""
     return TaskDelta(task=b.task, metric=b.metric, n=b.n, chance=b.chance, base=b.score, adapted=a.score,
                      delta=a.score - b.score, base_stderr=b.stderr, adapted_stderr=a.stderr,
-                     delta_stderr=delta_stderr(b, a), retention=a.score / b.score if b.score else None)
+                     delta_stderr=delta_stderr(b, a), retention=a.score / b.score if b.score else None,
+                     protocol=b.protocol)
 
 
 def delta_stderr(b: TaskResult, a: TaskResult) -> float | None:

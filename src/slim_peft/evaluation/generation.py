@@ -18,14 +18,30 @@ def generate_greedy(
     prompts: list[str],
     max_new_tokens: int = 16,
     batch_size: int = 16,
-    stop: str = "\n",
+    stop: str | None = "\n",
+    *,
+    eos_token_ids: list[int] | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded batches sorted by length), cut at ``stop``."""
+    """Continuations of the rendered ``prompts`` (left-padded batches sorted by length, the KV cache), cut at
+    ``stop`` and ended by ``eos_token_ids`` (default the tokenizer's eos). Greedy unless ``do_sample``:
+    nucleus sampling seeded once with ``seed`` before the first batch (so a sample depends on the batches)."""
     encoded = [encode_text(tokenizer, p) for p in prompts]
     pad_id = pad_token_id(tokenizer)
     device = _model_device(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     out = [""] * len(prompts)
+    kwargs: dict[str, Any] = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id}
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    if stop:
+        kwargs.update(stop_strings=[stop], tokenizer=tokenizer)
+    if eos_token_ids:
+        kwargs["eos_token_id"] = eos_token_ids
+    torch.manual_seed(seed)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -35,21 +51,11 @@ def generate_greedy(
             for r, i in enumerate(idx):
                 ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
                 mask[r, width - len(encoded[i]) :] = 1
-            gen = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-                stop_strings=[stop],
-                tokenizer=tokenizer,
-            )
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
             for r, i in enumerate(idx):
                 text = tokenizer.decode(gen[r, width:], skip_special_tokens=True)
-                out[i] = text.split(stop)[0]
+                out[i] = text.split(stop)[0] if stop else text.strip()
     return out
-
-
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

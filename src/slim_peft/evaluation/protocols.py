@@ -8,6 +8,10 @@ Protocols
   ``mean_stderr``: sqrt(p (1 - p) / (n - 1)).
 - ``letter``: the question with lettered options in the model's chat template (what training uses); the
   prediction is the option letter whose first token has the highest next-token logit after the prompt.
+- ``open``: the generative probe: the question asked in the chat template as an open question, without its
+  options (a support passage, where the task has one, before it); the greedy answer (at most 32 tokens, to the
+  end of the turn) is right when it states the correct option's text and no wrong option's
+  (`answers.states_option`); ``f1`` is its token F1 against the correct option (tasks in `OPEN_TASKS`).
 - ``generate``: greedy decoding, cut at the first newline; ``exact_match`` compares the line's last number
   (lm-eval's "flexible-extract") with the answer, ``exact_match_strict`` the whole stripped line (tasks with
   ``supports_generation``: basic_arithmetic).
@@ -39,13 +43,17 @@ from slim_peft.tasks import (
     register_jsonl_task,
 )
 
+from .answers import states_option, token_f1
 from .generation import extract_answer, generate_greedy
 from .metrics import _argmax, _summary, ids_digest
 from .results import EvalResult, TaskResult
 from .scorer import score_requests
 from .tokenize import encode_pair
 
-PROTOCOLS = ("loglik", "letter", "generate")
+PROTOCOLS = ("loglik", "letter", "generate", "open")
+# multiple-choice tasks whose question makes sense without its options (a question with a short answer)
+OPEN_TASKS = ("arc_easy", "arc_challenge", "sciq", "commonsense_qa", "openbookqa", "piqa")
+OPEN_MAX_NEW_TOKENS = 32
 
 
 def _run_loglik(
@@ -114,7 +122,30 @@ def _run_generate(
     return {"exact_match": em, "exact_match_strict": strict}, samples
 
 
-_RUNNERS = {"loglik": _run_loglik, "letter": _run_letter, "generate": _run_generate}
+def open_question(ex: Example) -> str:
+    """The question without its options, after its passage when it has one."""
+    return f"{ex.context.strip()}\n\n{ex.question.strip()}" if ex.context.strip() else ex.question.strip()
+
+
+def _run_open(
+    model: Any, tokenizer: Any, task: Task, examples: list[Example], batch_size: int, pack: bool
+) -> tuple[dict[str, list[float]], list[dict]]:
+    base = task.name.split(":")[0]
+    if base not in OPEN_TASKS:
+        raise ConfigError(f"task {task.name!r} has no open-question form; protocol 'open' supports "
+                          f"{', '.join(OPEN_TASKS)}")
+    prompts = [chat_prompt(tokenizer, open_question(ex)) for ex in examples]
+    texts = generate_greedy(model, tokenizer, prompts, max_new_tokens=OPEN_MAX_NEW_TOKENS, batch_size=batch_size,
+                            stop=None)
+    acc, f1, samples = [], [], []
+    for ex, text in zip(examples, texts, strict=True):
+        acc.append(float(states_option(text, ex.choices, ex.label)))
+        f1.append(token_f1(text, ex.answer))
+        samples.append({"id": ex.id, "gold": ex.answer, "generated": text})
+    return {"open_acc": acc, "f1": f1}, samples
+
+
+_RUNNERS = {"loglik": _run_loglik, "letter": _run_letter, "generate": _run_generate, "open": _run_open}
 
 
 # ============================================================================ public API
@@ -140,6 +171,8 @@ def _resolve_task(name: str) -> Task:
 def _primary_metric(task: Task, protocol: str) -> str:
     if protocol == "generate":
         return "exact_match"
+    if protocol == "open":
+        return "open_acc"
     return task.primary_metric if protocol == "loglik" else "acc"
 
 
@@ -209,7 +242,7 @@ def _evaluate_task(model: Any, tokenizer: Any, task: Task, protocol: str, split:
         task=task.name, protocol=protocol, metric=primary, score=metrics[primary],
         stderr=metrics[f"{primary}_stderr"], metrics=metrics, n=len(examples),
         split=task.split_info(split, limit, test_fraction), seed=run.seed, model=run.model, adapter=run.adapter,
-        chance=0.0 if protocol == "generate" else task.chance, role=task.role, sample_type=task.sample_type,
+        chance=0.0 if protocol in ("generate", "open") else task.chance, role=task.role, sample_type=task.sample_type,
         seconds=round(time.perf_counter() - t0, 3), cpu_seconds=round(time.process_time() - c0, 2),
         outcomes=values[primary],
         ids_digest=ids_digest([ex.id for ex in examples]), samples=samples)

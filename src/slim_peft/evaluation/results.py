@@ -74,6 +74,14 @@ class EvalResult:
         tasks = {name: TaskResult.from_dict(r) for name, r in d.get("tasks", {}).items()}
         return cls(**{"versions": {}, "batch_size": 0, **meta, "tasks": tasks})
 
+    def relabelled(self, label: str = "", role: str | None = None) -> EvalResult:
+        """A copy whose task names end with `label` and whose tasks have `role` (when given)."""
+        if not label and role is None:
+            return self
+        tasks = {f"{k}{label}": dataclasses.replace(r, task=f"{r.task}{label}", role=role or r.role)
+                 for k, r in self.tasks.items()}
+        return dataclasses.replace(self, tasks=tasks)
+
     def merged(self, other: EvalResult) -> EvalResult:
         """This result's metadata with both results' tasks (e.g. downstream and general parts of one model)."""
         return dataclasses.replace(self, tasks={**self.tasks, **other.tasks}, seconds=self.seconds + other.seconds)
@@ -94,6 +102,7 @@ class TaskDelta:
     adapted_stderr: float | None
     delta_stderr: float | None  # paired (question by question) when both results carry outcomes
     retention: float | None
+    protocol: str | None = None  # None in reports written before it was recorded
 
 
 @dataclass

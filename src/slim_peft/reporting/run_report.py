@@ -189,6 +189,11 @@ def learn_forget_table(report: LearnForgetReport) -> str:
     learned, forgot = report.learned, report.forgotten
     if learned is not None:
         lines.append(f"| **mean downstream** | learn | | | | | **{learned:+.3f}** | |")
+    protocols = sorted({r.protocol for r in report.general if r.protocol})
+    if len(protocols) > 1:  # loglik accuracy and generated answers are different measures: a mean of each
+        for p in protocols:
+            deltas = [r.delta for r in report.general if r.protocol == p]
+            lines.append(f"| **mean general ({p})** | keep | | | | | **{sum(deltas) / len(deltas):+.3f}** | |")
     if forgot is not None:
         lines.append(f"| **mean general** | keep | | | | | **{-forgot:+.3f}** | |")
     return "\n".join(lines)
@@ -201,20 +206,32 @@ def summary_markdown(results: dict[str, Any]) -> str:
     report = LearnForgetReport.from_dict(results["learn_forget"]) if results.get("learn_forget") else None
     t = results.get("timings_s", {})
     shares = results.get("routing", {})
+    if cfg.get("data"):
+        trained_on = (f"Trained on {cfg['data']} (instruction rows in the chat template, loss on the assistant "
+                      f"turns; {cfg.get('held_out_rows')} rows held out by content hash, "
+                      f"{tr.get('examples_per_task', {}).get('truncated', 0)} training rows truncated)")
+        downstream = (f"Downstream: the held-out rows, answers generated greedily and scored by "
+                      f"{cfg.get('metric')} against the reference")
+    else:
+        trained_on = (f"Trained on {', '.join(cfg.get('tasks', []))} (train splits, letter format, loss on the "
+                      f"answer only)")
+        downstream = "Downstream tasks: letter protocol on their test splits"
+    probe = cfg.get("probe_tasks") or {}
+    probe_text = "".join(f"; {name}: {', '.join(tasks)} ({'open questions' if name == 'probe' else 'generated'})"
+                         for name, tasks in probe.items())
     lines = [
         f"# slim-peft run: {cfg.get('method', '?')} on {cfg.get('model', '?')}", "",
-        f"Trained on {', '.join(cfg.get('tasks', []))} (train splits, letter format, loss on the answer only); "
-        f"{tr.get('steps', '?')} optimizer steps of {tr.get('global_batch', '?')} examples, "
+        f"{trained_on}; {tr.get('steps', '?')} optimizer steps of {tr.get('global_batch', '?')} examples, "
         f"{tr.get('examples', '?')} training examples, final loss {_f(tr.get('final_loss'))}, "
         f"{tr.get('trainable_parameters', 0):,} trainable parameters.",
-        f"Downstream tasks: letter protocol on their test splits; general suite: "
-        f"{cfg.get('general_protocol', 'loglik')} (lm-eval style) on test splits; at most "
-        f"{cfg.get('eval_limit')} questions per task.", "",
+        f"{downstream}; general suite: {cfg.get('general_protocol', 'loglik')} (lm-eval style) on test splits"
+        f"{probe_text}; at most {cfg.get('eval_limit')} questions per task.", "",
         "## What it learned and what it forgot", "",
         learn_forget_table(report) if report else "(no evaluation)", "",
         "Delta = after - before (accuracy); ± is the paired standard error of the delta: both models answer "
         "the same questions, so it is the stderr of the per-question differences.", "",
     ]
+    lines += _generative_metrics(results)
     if any(shares.get(k) for k in ("downstream", "general")):
         lines += ["## Identity routing", "",
                   "Mean share of routing weight on identity experts (the base model's own path): "
@@ -224,6 +241,26 @@ def summary_markdown(results: dict[str, Any]) -> str:
     lines += [f"| {k} | {v:.0f} |" for k, v in t.items()]
     lines += ["", "Files: " + ", ".join(f"`{f}`" for f in REPORT_FILES) + ", `adapter/`.", ""]
     return "\n".join(lines)
+
+
+def _generative_metrics(results: dict[str, Any]) -> list[str]:
+    """Every metric of the generatively scored tasks (held-out rows, open probe), before and after."""
+    rows = []
+    for part, before in results.get("before", {}).items():
+        after = results.get("after", {}).get(part, {})
+        for name, b in before.get("tasks", {}).items():
+            a = after.get("tasks", {}).get(name)
+            if a is None or b.get("protocol") not in ("freeform", "freeform-sampled", "open"):
+                continue
+            for metric, value in b.get("metrics", {}).items():
+                if not metric.endswith("_stderr") and value is not None:
+                    after_value = a["metrics"].get(metric)
+                    rows.append(f"| {name} | {metric} | {value:.3f} ± {_f(b['metrics'].get(f'{metric}_stderr'))} | "
+                                f"{_f(after_value)} ± {_f(a['metrics'].get(f'{metric}_stderr'))} |")
+    if not rows:
+        return []
+    return ["## Generated answers: every metric", "", "| task | metric | before | after |", "|---|---|---|---|",
+            *rows, "", "token_loss is the mean NLL per reference token (lower is better).", ""]
 
 
 def _f(x: Any) -> str:

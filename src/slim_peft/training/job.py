@@ -26,6 +26,12 @@ class DataArguments:
     model_name_or_path: str = "smollm2-135m"
     method: str = "slim"
     tasks: list[str] | str = "openbookqa,social_iqa,boolq"  # task names or JSONL files (question/choices/label)
+    # instruction / chat / text rows (files, save_to_disk dirs, embedded names, Hub ids; "a.jsonl,b.csv*0.5"):
+    # when set, training reads these instead of `tasks`
+    data: str | None = None
+    data_format: str | None = None  # detected from the fields when unset
+    data_split: str = "train"  # split of a Hub id or a saved DatasetDict
+    data_subset: str | None = None  # subset (config name) of a Hub id
     train_split: str = "train"  # "train" / "test" (hash-based halves) or "full" (the whole file)
     max_train_samples: int | None = None  # per task, first N of the split
     eval_tasks: list[str] | str | None = None  # evaluated every eval_steps (test split) and at the end
@@ -33,14 +39,14 @@ class DataArguments:
     eval_limit: int | None = 100
 
     def __post_init__(self) -> None:
-        self.tasks = as_list(self.tasks)
-        if not self.tasks:
-            raise ConfigError("tasks is empty: name at least one task or JSONL file")
+        self.tasks = [] if self.data else as_list(self.tasks)
+        if not self.tasks and not self.data:
+            raise ConfigError("tasks is empty: name at least one task or JSONL file, or set data")
         self.eval_tasks = as_list(self.eval_tasks) if self.eval_tasks else []
         if self.train_split not in ("train", "test", "full"):
             raise ConfigError(f"train_split must be 'train', 'test' or 'full', got {self.train_split!r}")
-        if self.eval_protocol not in ("loglik", "letter", "generate"):
-            raise ConfigError(f"eval_protocol must be loglik, letter or generate, got {self.eval_protocol!r}")
+        if self.eval_protocol not in ("loglik", "letter", "generate", "open"):
+            raise ConfigError(f"eval_protocol must be loglik, letter, generate or open, got {self.eval_protocol!r}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ConfigError(f"max_train_samples must be >= 1, got {self.max_train_samples}")
         get_method(self.method)  # an unknown method names the closest one
