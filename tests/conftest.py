@@ -72,6 +72,7 @@ def method_configs(**common):
         "loramoe": sp.LoraMoeConfig(num_experts=4, **common),
         "mola": sp.MolaConfig(experts_per_layer="2,4", **common),
         "ilora": sp.ILoraConfig(**common),
+        "er": sp.ErConfig(replay_from="seen", **common),  # replay from the second step, as I-LoRA's default
     }
 
 

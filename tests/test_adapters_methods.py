@@ -18,10 +18,10 @@ import slim_peft as sp
 from slim_peft.adapters import FFN_PROJ
 from slim_peft.adapters.methods.ilora.layer import ILoraLinear
 from slim_peft.adapters.methods.ilora.model import consistency_loss
-from slim_peft.adapters.methods.ilora.replay import ReplayBuffer, ReplayExample
 from slim_peft.adapters.methods.loramoe.layer import LoraMoeLinear, localized_balance_loss
 from slim_peft.adapters.methods.mixlora.layer import MixLoraFFN, mixlora_balance_loss, select_experts
 from slim_peft.adapters.methods.mola.layer import MolaLinear, experts_per_layer
+from slim_peft.adapters.replay import ReplayBuffer, ReplayExample
 
 # the mixture-of-experts methods run on models and batches with a padding token: id 0, its embedding row zero
 padded_llama = partial(tiny_llama, pad_token_id=0)

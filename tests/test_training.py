@@ -280,7 +280,7 @@ def _kill_after_hang(*args: str, timeout: float = 120) -> None:
 
 @pytest.mark.parametrize("method,dropout", [("lora", 0.1), ("slim", 0.1), ("dora", 0.1),
                                             ("mixlora", 0.1), ("mixlora-dynamic", 0.1), ("loramoe", 0.1),
-                                            ("mola", 0.1), ("ilora", 0.1)])
+                                            ("mola", 0.1), ("ilora", 0.1), ("er", 0.1)])
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, method, dropout):
     """Bitwise equality on CPU, every method: the resumed run restores the adapter weights and buffers (SLIM's
     cluster state), AdamW moments, scheduler, RNG states (dropout, SLIM's random merge masks), the method's

@@ -38,8 +38,8 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
 ALL = ATTN + FFN
 METHODS = [("lora", {}), ("dora", {}), ("slim", {}), ("mixlora", {}), ("mixlora", {"top_p": 0.8}), ("loramoe", {}),
-           ("mola", {}), ("ilora", {})]
-METHOD_IDS = ["lora", "dora", "slim", "mixlora", "mixlora-top_p", "loramoe", "mola", "ilora"]
+           ("mola", {}), ("ilora", {}), ("er", {})]
+METHOD_IDS = ["lora", "dora", "slim", "mixlora", "mixlora-top_p", "loramoe", "mola", "ilora", "er"]
 
 
 def linears(m: dict) -> dict[str, tuple[int, int]]:
@@ -69,7 +69,7 @@ def expected_trainable(method: str, m: dict) -> int:
     learner on attention (the slow one is buffers)."""
     L, d = m["L"], m["d"]
     lin = linears(m)
-    if method == "lora":
+    if method in ("lora", "er"):  # ER is LoRA trained with replay
         return L * lora_per_layer(m, 16, ALL)
     if method == "dora":
         return L * (lora_per_layer(m, 16, ALL) + sum(o for _, o in lin.values()))

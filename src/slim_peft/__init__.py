@@ -8,6 +8,7 @@ from .adapters import (
     AdapterConfig,
     AdapterModel,
     DoraConfig,
+    ErConfig,
     ILoraConfig,
     LoraConfig,
     LoraMoeConfig,
@@ -37,7 +38,7 @@ def load_base_model(*args, **kwargs):
 
 
 __all__ = [
-    "METHODS", "AdapterConfig", "AdapterError", "AdapterModel", "ConfigError", "DataError", "DoraConfig",
+    "METHODS", "AdapterConfig", "AdapterError", "AdapterModel", "ConfigError", "DataError", "DoraConfig", "ErConfig",
     "ILoraConfig", "LoraConfig", "LoraMoeConfig", "MixLoraConfig", "MolaConfig", "SlimConfig", "SlimPeftError",
     "TargetModuleError", "TrainingError", "config_from_dict", "get_adapter_model", "load_base_model", "load_dataset",
     "selected_logits",

@@ -5,6 +5,7 @@ from . import methods  # noqa: F401  (fills the registry)
 from .config import ALL_PROJ, ATTENTION_PROJ, FFN_PROJ, AdapterConfig
 from .context import ForwardContext
 from .methods.dora.config import DoraConfig
+from .methods.er.config import ErConfig
 from .methods.ilora.config import ILoraConfig
 from .methods.lora.config import LoraConfig
 from .methods.loramoe.config import LoraMoeConfig
@@ -18,7 +19,7 @@ from .targeting import find_targets
 
 __all__ = [
     "ALL_PROJ", "ATTENTION_PROJ", "FFN_PROJ", "METHODS", "AdapterConfig", "AdapterModel", "DoraConfig",
-    "ForwardContext", "ILoraConfig", "LoraConfig", "LoraMoeConfig", "MethodSpec", "MixLoraConfig", "MolaConfig",
-    "SlimConfig", "adapter_dropout", "causal_lm_output", "config_from_dict", "find_targets", "get_adapter_model",
-    "get_method", "method_names", "selected_logits",
+    "ErConfig", "ForwardContext", "ILoraConfig", "LoraConfig", "LoraMoeConfig", "MethodSpec", "MixLoraConfig",
+    "MolaConfig", "SlimConfig", "adapter_dropout", "causal_lm_output", "config_from_dict", "find_targets",
+    "get_adapter_model", "get_method", "method_names", "selected_logits",
 ]

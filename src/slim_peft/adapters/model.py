@@ -141,7 +141,12 @@ class AdapterModel(nn.Module):
         commit_pending(modules, self.device)
 
     def start_task(self, task_id: int | None = None) -> int:
-        """Begin the next task of a sequence; only methods with task-aware training state keep the id."""
+        """Begin the next task of a sequence (the continual runner calls it between stages): every adapter
+        module with an `on_task_boundary` hook runs it (SLIM keeps the finished task's clusters); methods with
+        task-aware training state (the replay buffers) also keep the id."""
+        for module in self.base_model.modules():
+            if hasattr(module, "on_task_boundary"):
+                module.on_task_boundary()
         return 0 if task_id is None else task_id
 
     def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

@@ -2,6 +2,7 @@
 
     slim-peft run                        train SLIM on OBQA+SIQA+BoolQ, judge what it learned and forgot
     slim-peft train --config cfg.yaml    LLaMA-Factory-style YAML; every key also a --key value override
+    slim-peft continual --tasks a,b,c,d --method M   a task sequence: accuracy matrix, AP / BWT / FWT
     slim-peft eval --tasks arc_easy,piqa [--adapter DIR]
     slim-peft generate [--adapter DIR] "prompt"
     slim-peft inspect DIR                an adapter's (or a run's) config, sizes and routing statistics
@@ -27,7 +28,7 @@ from types import ModuleType
 
 from slim_peft.errors import NonFiniteLossError, SlimPeftError
 
-from . import bench, fetch, generate, inspect, lmeval, merge, plan, run, train
+from . import bench, continual, fetch, generate, inspect, lmeval, merge, plan, run, train
 from . import eval as eval_
 
 # command -> (module, help, description)
@@ -36,6 +37,8 @@ COMMANDS: dict[str, tuple[ModuleType, str, str | None]] = {
     "train": (train, "train from a YAML config (+ --key value overrides)",
               "Train any method from a LLaMA-Factory-style YAML of training arguments (HF Trainer spelling), data "
               "keys and the method's keys; every key can be given or overridden as --key value."),
+    "continual": (continual, "train task after task, judge every task after each stage (AP, BWT, FWT)",
+                  continual.DESCRIPTION),
     "eval": (eval_, "evaluate a model (with an adapter) on tasks", None),
     "generate": (generate, "generate text with the model (and an adapter)", None),
     "inspect": (inspect, "an adapter's config, sizes and routing statistics", None),

@@ -6,7 +6,7 @@ and add it to the tuple below.
 """
 
 from ..registry import register
-from . import dora, ilora, lora, loramoe, mixlora, mola, slim
+from . import dora, er, ilora, lora, loramoe, mixlora, mola, slim
 
-for _method in (lora, dora, slim, mixlora, loramoe, mola, ilora):
+for _method in (lora, dora, slim, mixlora, loramoe, mola, ilora, er):
     register(_method.SPEC)

@@ -154,3 +154,55 @@ def _global_offset(n_local: int, device: torch.device) -> tuple[int, int]:
     dist.all_reduce(counts)
     rank = dist.get_rank()
     return int(counts[:rank].sum()), int(counts.sum())
+
+
+class KeptClusters(nn.Module):
+    """The clusters of finished tasks in a task sequence (SLIM's `clusters_across_tasks="keep"`): at each task
+    boundary the sliding clusters' centres, variances and tau are copied into the next of `max_tasks` slots (the
+    sliding clusters then follow the new task). A token's distance is then the smallest over the sliding
+    clusters and every kept task's: d_t = rho_t / tau_t - 1 (or rho_t - 1), rho_t from task t's nearest centre
+    and its variances, so a token of an earlier task is as close as it was while that task was trained.
+    Buffers: saved with the adapter."""
+
+    def __init__(self, max_tasks: int, num_clusters: int, dim: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.register_buffer("centres", torch.zeros(max_tasks, num_clusters, dim, device=device))
+        self.register_buffer("variances", torch.ones(max_tasks, num_clusters, dim, device=device))
+        self.register_buffer("tau", torch.ones(max_tasks, device=device))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long, device=device))
+        self._count: int | None = None  # host mirror of `count` (read once, not per forward)
+
+    def kept(self) -> int:
+        if self._count is None:
+            self._count = int(self.count)
+        return self._count
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        self._count = None
+
+    @torch.no_grad()
+    def keep(self, clusters: SlidingClusters) -> None:
+        """Copy the sliding clusters' state into the next slot."""
+        n = self.kept()
+        if n >= self.centres.shape[0]:
+            raise ValueError(f"the adapter keeps the clusters of at most {self.centres.shape[0]} tasks "
+                             f"(max_tasks); raise max_tasks for longer task sequences")
+        self.centres[n].copy_(clusters.centres)
+        self.variances[n].copy_(clusters.variances)
+        self.tau[n].copy_(clusters.tau)
+        self.count.fill_(n + 1)
+        self._count = n + 1
+
+    @torch.no_grad()
+    def distance(self, h: torch.Tensor, calibrated: bool) -> torch.Tensor:
+        """min over kept tasks t of d_t(h) (T); call only when `kept()` > 0."""
+        n = self.kept()
+        c, v = self.centres[:n], self.variances[:n]  # n x C x d
+        sq = c.square().sum(-1)  # n x C
+        k = torch.baddbmm(sq[:, None, :], h.expand(n, *h.shape), c.transpose(1, 2), alpha=-2.0).argmin(-1)  # n x T
+        picked = torch.gather(c, 1, k[..., None].expand(-1, -1, h.shape[-1]))  # n x T x d
+        inv_std = torch.gather(torch.rsqrt(v + EPS), 1, k[..., None].expand(-1, -1, h.shape[-1]))
+        rho = ((h - picked).abs_() * inv_std).amax(-1)  # n x T
+        d = rho / self.tau[:n, None] - 1 if calibrated else rho - 1
+        return d.amin(0)

@@ -8,8 +8,8 @@ Two LoRA adapters on the same frozen base, in one `ILoraLinear` per target (defa
       slow <- a slow + (1 - a) fast,   a = min(1 - 1 / (step + 1), ema_alpha)
   so step 0 copies the fast learner (a = 0). `ema_alpha` 0.99 by default; the official code uses 0.25.
 
-Training step (`ILoraModel.forward` in training mode with labels; the trainer only calls `model(**batch)`
-and `model.after_optimizer_step()`):
+Training step (`ReplayModel.forward` of `adapters/replay.py`, with I-LoRA's replay terms; the trainer only calls
+`model(**batch)` and `model.after_optimizer_step()`):
 1. draw a replay batch of the same size as the current one from the buffer (rule below);
 2. add the current batch to the buffer (reservoir sampling, `replay_capacity` examples, CPU token tensors);
 3. loss = (CE(current) + CE(replay)) / 2 + gamma L_cons, gamma = `consistency_weight`, with
@@ -39,9 +39,8 @@ from ...registry import MethodSpec
 from .config import ILoraConfig
 from .layer import ILoraLinear, inject_ilora
 from .model import ILoraModel
-from .replay import ReplayBuffer, ReplayExample
 
 SPEC = MethodSpec(name="ilora", config_class=ILoraConfig, peft_type="ILORA", inject=inject_ilora,
                   model_class=ILoraModel)
 
-__all__ = ["SPEC", "ILoraConfig", "ILoraLinear", "ILoraModel", "ReplayBuffer", "ReplayExample"]
+__all__ = ["SPEC", "ILoraConfig", "ILoraLinear", "ILoraModel"]

@@ -29,6 +29,10 @@ class SlimConfig(AdapterConfig):
     distance: str = "calibrated"  # "calibrated": rho / tau - 1; "max": rho - 1 (paper-literal)
     yield_strength: float = 1.0  # gamma; 0 disables weight yielding
     yield_clamp: bool = False  # use max(d, 0)
+    # in a task sequence (`slim-peft continual`): "slide" (the clusters follow the latest task) or "keep" (each
+    # finished task's clusters are kept, the distance is the smallest over all of them; at most max_tasks)
+    clusters_across_tasks: str = "slide"
+    max_tasks: int = 8
     # dynamic merging
     mask_ratio: float = 0.5  # p; 0 disables dynamic merging
     merge_form: str = "fast"  # "fast": row/column masks of B and A; "exact": elementwise DARE on s B A
@@ -55,6 +59,9 @@ class SlimConfig(AdapterConfig):
         check(self.distance in ("calibrated", "max"),
                f"distance must be 'calibrated' or 'max', got {self.distance!r}")
         check(self.yield_strength >= 0, f"yield_strength must be >= 0, got {self.yield_strength}")
+        check(self.clusters_across_tasks in ("slide", "keep"),
+              f"clusters_across_tasks must be 'slide' or 'keep', got {self.clusters_across_tasks!r}")
+        check(self.max_tasks >= 1, f"max_tasks must be >= 1, got {self.max_tasks}")
         check(0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         check(self.merge_form in ("fast", "exact"), f"merge_form must be 'fast' or 'exact', got {self.merge_form!r}")
         check(self.eval_mask in ("fixed", "resample", "none"),

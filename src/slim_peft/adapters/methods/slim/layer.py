@@ -26,6 +26,10 @@ Decisions where the paper is silent or garbled (all config fields, see SlimConfi
   forwards (`modules/statistics.py`), so a gradient-checkpointing recompute routes exactly as the first forward
   did (same state; dropout and merge masks are the same because checkpointing restores the RNG) and counts
   nothing twice; under DDP the sums are all-reduced once per step, outside the forward.
+- in a task sequence (`slim-peft continual`) the sliding clusters follow the latest task, so an earlier task's
+  tokens may look far and route to identity: `clusters_across_tasks="keep"` copies each finished task's
+  clusters at the boundary (`AdapterModel.start_task` -> `on_task_boundary`) and d becomes the smallest over the
+  sliding clusters and every kept task's (`modules/clusters.py: KeptClusters`); "slide" (default) keeps none.
 - the router sees the hidden state itself, not a detached copy: its gradient flows into earlier layers, as in
   every routed method here (MixLoRA, LoRAMoE, MoLA and their reference code; the SLIM paper is silent). Only
   the cluster distance is a no-grad statistic. Routing (logits, distance, top-k, softmax) runs in fp32 with
@@ -52,7 +56,7 @@ from slim_peft.errors import ConfigError
 
 from ...config import FFN_PROJ, AdapterConfig
 from ...context import ForwardContext
-from ...modules.clusters import SlidingClusters
+from ...modules.clusters import KeptClusters, SlidingClusters
 from ...modules.dare import (
     ReplayableKeepMask,
     dare_delta,
@@ -86,6 +90,8 @@ class SlimRouter(nn.Module):
         self.router = LinearRouter(in_features, num_experts, cfg.router_init_std, device=device)
         self.clusters = SlidingClusters(cfg.num_clusters, in_features, cfg.cluster_momentum, device=device,
                                         seed=seed)
+        self.kept = KeptClusters(cfg.max_tasks, cfg.num_clusters, in_features, device=device) \
+            if cfg.clusters_across_tasks == "keep" else None
         self.register_buffer("stat_weight", torch.zeros(num_experts, device=device), persistent=False)
         self.register_buffer("stat_tokens", torch.zeros((), device=device), persistent=False)
         is_lora = (torch.arange(num_experts, device=device) < self.num_lora).float()
@@ -108,8 +114,16 @@ class SlimRouter(nn.Module):
             rho = clusters.rho_from(dev, k)
             if self.training and not in_backward():
                 clusters.accumulate(h, w, k, rho, dev)
-        d = rho / clusters.tau - 1 if self.cfg.distance == "calibrated" else rho - 1
+        calibrated = self.cfg.distance == "calibrated"
+        d = rho / clusters.tau - 1 if calibrated else rho - 1
+        if self.kept is not None and self.kept.kept():
+            d = torch.minimum(d, self.kept.distance(h, calibrated))
         return d.clamp(min=0) if self.cfg.yield_clamp else d
+
+    def on_task_boundary(self) -> None:
+        """A task of a sequence ended: keep its clusters (`clusters_across_tasks="keep"`)."""
+        if self.kept is not None and self.clusters.ready():
+            self.kept.keep(self.clusters)
 
     def route(self, h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         with fp32_routing(h.device):
