@@ -15,10 +15,10 @@ from slim_peft.evaluation.continual import ContinualMetrics, Estimate
 CONTINUAL_FILES = ("results.json", "summary.md", "accuracy_matrix.png", "task_curves.png")
 
 
-def _est(e: Estimate, digits: int = 3) -> str:
+def _est(e: Estimate, digits: int = 3, signed: bool = True) -> str:
     if e.value is None:
         return "-"
-    return f"{e.value:+.{digits}f}" + ("" if e.stderr is None else f" ± {e.stderr:.{digits}f}")
+    return f"{e.value:{'+' if signed else ''}.{digits}f}" + ("" if e.stderr is None else f" ± {e.stderr:.{digits}f}")
 
 
 def stage_names(results: dict[str, Any]) -> list[str]:
@@ -37,7 +37,7 @@ def matrix_markdown(results: dict[str, Any]) -> str:
 
 def metrics_markdown(metrics: ContinualMetrics) -> str:
     lines = ["| metric | value ± stderr |", "|---|---|",
-             f"| AP (mean accuracy after the last stage) | {_est(metrics.average)} |",
+             f"| AP (mean accuracy after the last stage) | {_est(metrics.average, signed=False)} |",
              f"| BWT (backward transfer) | {_est(metrics.backward_transfer)} |",
              f"| FWT (forward transfer) | {_est(metrics.forward_transfer)} |"]
     for i, e in enumerate(metrics.general_retention):
