@@ -47,6 +47,33 @@ def tiny_llama(seed: int = 0, *, vocab_size: int = VOCAB, hidden: int = 32, laye
     return LlamaForCausalLM(cfg).eval()
 
 
+def embedded_tokenizer():
+    """The embedded SmolLM2 tokenizer (ChatML template)."""
+    from transformers import AutoTokenizer
+
+    from slim_peft.assets import embedded_model_dir
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir())
+
+
+def sharp_tiny_llama(tokenizer, *, tie_word_embeddings: bool = True, **config):
+    """A 2-layer Llama (width 64) over `tokenizer`'s vocabulary whose embeddings (and untied head) are drawn from
+    N(0, 1): sharp distributions, so choices and greedy tokens differ clearly (no near-ties between a batched
+    and a plain computation)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=tie_word_embeddings, **config)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 1.0)
+        if not tie_word_embeddings:
+            model.get_output_embeddings().weight.normal_(0, 1.0)
+    return model
+
+
 def tiny_qwen2(seed: int = 0, *, vocab_size: int = VOCAB, **config):
     """A 2-layer Qwen2 of width 32 (MLP 64, 4 heads, 2 KV heads), random weights fixed by `seed`, in eval mode."""
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from conftest import embedded_tokenizer, sharp_tiny_llama
 
 import slim_peft.cli.eval as eval_cli
 import slim_peft.evaluation as ev
@@ -34,28 +34,12 @@ from slim_peft.tasks import get_task
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from slim_peft.assets import embedded_model_dir
-
-    return AutoTokenizer.from_pretrained(embedded_model_dir())
+    return embedded_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # sharper distributions than the default init, so choices differ clearly
-        model.get_input_embeddings().weight.normal_(0, 1.0)
-    return model
+    return sharp_tiny_llama(tokenizer)
 
 
 def direct_loglik(model, ctx: list[int], cont: list[int]) -> float:

@@ -11,8 +11,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import greedy
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from conftest import embedded_tokenizer, greedy, sharp_tiny_llama
 
 import slim_peft.evaluation.protocols as protocols
 from slim_peft.data import SourcedRow, encode_example, end_of_turn_text, parse_row
@@ -25,23 +24,13 @@ from slim_peft.tasks import get_task
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from slim_peft.assets import embedded_model_dir
-
-    return AutoTokenizer.from_pretrained(embedded_model_dir())
+    return embedded_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # sharp distributions: no near-ties between the batched and the plain argmax; an
-        # untied head, so the answers are not the prompt's last token repeated
-        model.get_input_embeddings().weight.normal_(0, 1.0)
-        model.get_output_embeddings().weight.normal_(0, 1.0)
-    return model
+    # an untied head, so the answers are not the prompt's last token repeated
+    return sharp_tiny_llama(tokenizer, tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id)
 
 
 RAW = [
@@ -104,8 +93,10 @@ def test_batched_generation_and_metrics_equal_plain_references(tiny, tokenizer):
 
 def test_sampling_is_reproducible_by_its_seed(tiny, tokenizer):
     held = rows()
+    state = torch.get_rng_state()
     a = evaluate_rows(tiny, tokenizer, held, max_new_tokens=8, do_sample=True, temperature=1.5, seed=3,
                       log_samples=True)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
     b = evaluate_rows(tiny, tokenizer, held, max_new_tokens=8, do_sample=True, temperature=1.5, seed=3,
                       log_samples=True)
     c = evaluate_rows(tiny, tokenizer, held, max_new_tokens=8, do_sample=True, temperature=1.5, seed=4,

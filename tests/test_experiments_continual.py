@@ -171,6 +171,19 @@ def test_a_run_killed_in_stage_2_resumes_to_the_same_adapter(tmp_path, tiny_mode
     assert resumed.matrix == whole.matrix
 
 
+def test_a_sequence_of_tasks_and_instruction_data(tmp_path, task_files):
+    from slim_peft.experiments.continual import read_sequence
+
+    rows = tmp_path / "chats.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"say {w} {i}", "completion": w}) + "\n"
+                            for i, w in enumerate(WORDS * 3)))
+    seq = read_sequence(ContinualConfig(tasks=[str(task_files[0]), "sciq_instruct", str(rows)]))
+    assert [t.registered is not None for t in seq] == [True, False, False]
+    assert [t.name for t in seq] == ["task1", "sciq_instruct", "chats"]
+    assert seq[2].held_out and not {r.where for r in seq[2].held_out} & {r.where for r in seq[2].rows}
+    assert seq[1].suite(5).protocol == "freeform" and seq[0].suite(5).protocol == "letter"
+
+
 @pytest.fixture
 def no_model(monkeypatch):
     def refuse(*a, **k):

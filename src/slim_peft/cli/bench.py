@@ -14,11 +14,12 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
 
 
-BENCHMARKS = {"speed": "speed.py", "forgetting": "forgetting.py"}
+BENCHMARKS = {"speed": "speed.py", "forgetting": "forgetting.py", "continual": "continual.py",
+              "generative_probe": "generative_probe.py"}
 
 
 def command(args: argparse.Namespace) -> int:
-    """``slim-peft bench speed|forgetting [ARGS]``: run benchmarks/<name>.py of the source checkout."""
+    """``slim-peft bench NAME [ARGS]``: run benchmarks/<name>.py of the source checkout."""
     root = Path(os.environ.get("SLIM_PEFT_BENCHMARKS", Path(__file__).resolve().parents[3] / "benchmarks"))
     script = root / BENCHMARKS[args.name]
     if not script.is_file():

@@ -11,7 +11,7 @@
     slim-peft plan --model ID --method M trainable parameters, adapter size, optimizer state and activation memory
                                          of a run, from the model's config alone (meta device, no weights)
     slim-peft fetch                      prefetch the embedded model and data for offline use
-    slim-peft bench speed|forgetting     run a benchmark script of the source checkout
+    slim-peft bench speed|forgetting|continual|generative_probe   a benchmark script of the source checkout
 
 Input errors (every `slim_peft.errors.SlimPeftError`: unknown keys, bad values, missing data files, target
 modules the model lacks, a checkpoint from another configuration) print one ``error:`` line and exit with

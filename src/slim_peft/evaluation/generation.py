@@ -27,8 +27,9 @@ def generate_greedy(
     seed: int = 0,
 ) -> list[str]:
     """Continuations of the rendered ``prompts`` (left-padded batches sorted by length, the KV cache), cut at
-    ``stop`` and ended by ``eos_token_ids`` (default the tokenizer's eos). Greedy unless ``do_sample``:
-    nucleus sampling seeded once with ``seed`` before the first batch (so a sample depends on the batches)."""
+    ``stop`` and ended by ``eos_token_ids`` (default the model's generation config). Greedy unless
+    ``do_sample``: nucleus sampling from a generator seeded with ``seed`` before the first batch (the caller's
+    RNG state is left as it was; a sample depends on the batch size)."""
     encoded = [encode_text(tokenizer, p) for p in prompts]
     pad_id = pad_token_id(tokenizer)
     device = _model_device(model)
@@ -41,8 +42,10 @@ def generate_greedy(
         kwargs.update(stop_strings=[stop], tokenizer=tokenizer)
     if eos_token_ids:
         kwargs["eos_token_id"] = eos_token_ids
-    torch.manual_seed(seed)
-    with torch.inference_mode():
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=do_sample), torch.inference_mode():
+        if do_sample:
+            torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             width = max(len(encoded[i]) for i in idx)

@@ -32,7 +32,14 @@ from safetensors.torch import load_file, save_file
 
 from slim_peft.adapters import config_from_dict, get_method
 from slim_peft.assets import EMBEDDED_MODEL
-from slim_peft.data import build_row_examples, build_task_examples, held_out_split, parse_sources, read_sources
+from slim_peft.data import (
+    EMBEDDED_DATA,
+    build_row_examples,
+    build_task_examples,
+    held_out_split,
+    parse_sources,
+    read_sources,
+)
 from slim_peft.errors import ConfigError
 from slim_peft.evaluation import EvalResult, TaskResult
 from slim_peft.evaluation.continual import ContinualMetrics, continual_metrics
@@ -125,7 +132,9 @@ class SequenceTask:
 
 
 def _is_task(name: str) -> bool:
-    """An embedded task, or a JSONL file whose first row has the multiple-choice fields."""
+    """An embedded task, or a JSONL file whose first row has the multiple-choice fields (else: data rows)."""
+    if name in EMBEDDED_DATA:
+        return False
     path = Path(name).expanduser()
     if not path.is_file():
         return "/" not in name and Path(name).suffix == ""  # a name (an unknown one fails in get_task)
