@@ -232,11 +232,11 @@ def summary_markdown(results: dict[str, Any]) -> str:
         "the same questions, so it is the stderr of the per-question differences.", "",
     ]
     lines += _generative_metrics(results)
-    if any(shares.get(k) for k in ("downstream", "general")):
+    shares = {k: v for k, v in shares.items() if v and v.get("mean_identity_share") is not None}
+    if shares:  # methods with identity experts (SLIM)
         lines += ["## Identity routing", "",
                   "Mean share of routing weight on identity experts (the base model's own path): "
-                  + ", ".join(f"{k} data {_f(v.get('mean_identity_share'))}" for k, v in shares.items() if v)
-                  + ".", ""]
+                  + ", ".join(f"{k} data {_f(v['mean_identity_share'])}" for k, v in shares.items()) + ".", ""]
     lines += ["## Time", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in t.items()]
     lines += ["", "Files: " + ", ".join(f"`{f}`" for f in REPORT_FILES) + ", `adapter/`.", ""]
