@@ -220,3 +220,37 @@ def test_slim_routing_and_layers_read_nothing_back_after_initialisation(monkeypa
             outs = [m(h).sum() for m in layers if isinstance(m, SlimLinear) and m.base_layer.in_features == 32]
             torch.stack(outs).sum().backward()
     assert reads.count == 0
+
+
+def test_kept_clusters_distance_is_the_smallest_over_tasks_by_a_plain_loop():
+    from slim_peft.adapters.modules.clusters import EPS, KeptClusters, SlidingClusters
+
+    torch.manual_seed(0)
+    d, C = 6, 3
+    kept = KeptClusters(max_tasks=4, num_clusters=C, dim=d)
+    tasks = []
+    for _ in range(3):
+        clusters = SlidingClusters(C, d, momentum=0.1)
+        clusters.centres.copy_(torch.randn(C, d))
+        clusters.variances.copy_(torch.rand(C, d) + 0.1)
+        clusters.tau.fill_(float(torch.rand(()) + 0.5))
+        kept.keep(clusters)
+        tasks.append((clusters.centres.clone(), clusters.variances.clone(), float(clusters.tau)))
+    h = torch.randn(10, d)
+    for calibrated in (True, False):
+        expected = []
+        for x in h:
+            best = float("inf")
+            for c, v, tau in tasks:
+                k = int(((x - c) ** 2).sum(1).argmin())
+                rho = float(((x - c[k]).abs() / torch.sqrt(v[k] + EPS)).max())
+                best = min(best, rho / tau - 1 if calibrated else rho - 1)
+            expected.append(best)
+        torch.testing.assert_close(kept.distance(h, calibrated), torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    assert kept.kept() == 3 and int(kept.count) == 3
+    kept.keep(SlidingClusters(C, d, momentum=0.1))
+    with pytest.raises(ValueError, match="at most 4 tasks"):
+        kept.keep(SlidingClusters(C, d, momentum=0.1))
+    restored = KeptClusters(max_tasks=4, num_clusters=C, dim=d)
+    restored.load_state_dict(kept.state_dict())
+    assert restored.kept() == 4  # the host count follows the loaded buffer
