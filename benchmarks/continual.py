@@ -82,7 +82,7 @@ def run_one(variant: str, seed: int, threads: int) -> dict[str, Any]:
         shutil.copy(base, out / "base_eval.json")
     cfg = ContinualConfig(tasks=TASKS, method=v["method"], max_steps=STEPS, eval_limit=EVAL_LIMIT,
                           general_tasks=GENERAL, learning_rate=LEARNING_RATE, seed=seed, output_dir=str(out),
-                          resume=True, adapter=dict(v["adapter"]), save_steps=10)
+                          resume=True, adapter=dict(v["adapter"]), save_steps=10, threads=threads)
     result = run_continual(cfg).to_dict()
     if not base.is_file():
         shutil.copy(out / "base_eval.json", base)

@@ -84,6 +84,7 @@ class ContinualConfig:
     overwrite: bool = False
     resume: bool = False
     held_out_fraction: float = 0.2  # of instruction-data tasks
+    threads: int = 0  # torch threads for training (0: the cores shared among this machine's processes)
     adapter: dict[str, Any] = field(default_factory=dict)  # overrides of the method's config defaults
     progress: Callable[[str], None] = print
 
@@ -95,7 +96,7 @@ class ContinualConfig:
 
     def training_arguments(self, stage_dir: Path) -> TrainingArguments:
         training = dict(RUN_TRAINING, max_steps=self.max_steps, seed=self.seed, output_dir=str(stage_dir),
-                        save_steps=self.save_steps, report_to="jsonl")
+                        save_steps=self.save_steps, report_to="jsonl", torch_num_threads=self.threads)
         if self.batch_size:
             training.update(per_device_train_batch_size=self.batch_size, gradient_accumulation_steps=1)
         if self.learning_rate:
@@ -106,7 +107,7 @@ class ContinualConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
-                if k not in ("progress", "overwrite", "resume")}
+                if k not in ("progress", "overwrite", "resume", "threads")}  # what the results depend on
 
 
 @dataclass
