@@ -6,28 +6,29 @@ model is at chance on each in the letter format (it answers " A" to nearly every
 something to learn; each has hundreds of training questions; and their answer formats differ (4, 3 and 5 options,
 then yes/no), so a later task can overwrite an earlier one's answer habits and forgetting shows in the matrix.
 They are study 1's downstream tasks (OBQA, SIQA, BoolQ) plus CommonsenseQA, so stage results relate to it.
-General suite (loglik): ARC-Easy, ARC-Challenge, PIQA, SciQ. 100 test questions per task and per general task.
+General suite (loglik): ARC-Easy, ARC-Challenge, PIQA, SciQ.
 
 Variants: LoRA (sequential fine-tuning, no replay), ER (LoRA + the same reservoir buffer, replay of earlier
 tasks only), I-LoRA (ER + slow EMA learner + consistency loss, evaluated with the slow learner; replay of earlier
 tasks only, the paper's setting), MixLoRA, SLIM with its clusters sliding (`slim`) and with each finished task's
-clusters kept (`slim_keep`). Every variant: 30 optimizer steps of 8 examples (2 x 4) per stage, learning rate
+clusters kept (`slim_keep`). Every variant: 25 optimizer steps of 8 examples (2 x 4) per stage, learning rate
 5e-4 with cosine decay and 5% warmup per stage (`slim-peft run`'s recipe, which learns BoolQ in 80 steps; one rate
-for every method, so that differences come from the methods), seeds 0, 1, 2.
+for every method, so that differences come from the methods), seeds 0, 1, 2; 80 test questions per task.
 
-Sizing (1-thread CPU seconds measured in study 1, benchmarks/results/forgetting.md, at 16 examples per step,
-halved for 8): LoRA 8.0 s/step, ER ~13 (LoRA + one replay pass with gradient), I-LoRA 15.3, MixLoRA 10.7, SLIM 8.8.
-120 steps per run: LoRA 16 min, ER 26, I-LoRA 31, MixLoRA 21, SLIM 18 (x2) = 130 min of training per seed.
-Judging: 4 stages x (400 task questions at ~0.23 s + 400 general at ~0.16 s) = ~10.5 min per run (the base
-model is judged once per seed and shared): 63 min per seed. 3 seeds x 193 min = 579 worker-minutes = 4.8 h with
-2 workers on the 2 cores (budget: 6 h). Each run resumes from its stage checkpoints; stored runs are skipped.
+Sizing. Measured here with 2 one-thread workers: LoRA 10.8 s per step of 8 OBQA examples, 1.35x the 8.0 s that
+study 1's 1-thread figure (16.08 CPU s per 16 examples, benchmarks/results/forgetting.md) gives; the other methods
+are study 1's figures halved and scaled by the same 1.35: ER ~17.6 s (LoRA + one replay pass with gradient),
+I-LoRA 20.7, MixLoRA 14.4, SLIM 11.9. 100 steps per run: LoRA 18 min, ER 29, I-LoRA 35, MixLoRA 24, SLIM 20 (x2)
+= 146 min of training per seed. Judging: the base model's judgement (8 x 80 questions, ~4 min) is shared per seed;
+4 stages x (320 task questions + 320 general questions, ~3.3 min) = ~13 min per run, 80 min per seed. 3 seeds x
+226 min = 678 worker-minutes = 5.7 h with 2 workers on the 2 cores (budget: 6 h). Each run resumes from its stage
+checkpoints; stored runs are skipped.
 
     python benchmarks/continual.py --workers 2                # the whole study (resumable)
     python benchmarks/continual.py --variants lora,ilora --seeds 0
     python benchmarks/continual.py --report-only              # regenerate the report from the stored JSONs
 
-Stored runs: benchmarks/results/continual/<variant>__seed<k>.json; report: benchmarks/results/continual.md and
-continual_matrices.png. Working directories (checkpoints): runs/continual-study/ (not committed).
+Stored runs: benchmarks/results/continual/<variant>__seed<k>.json; report: benchmarks/results/continual.md. Working directories (checkpoints): runs/continual-study/ (not committed).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ STORE = RESULTS / "continual"
 WORK = REPO / "runs" / "continual-study"
 TASKS = ("openbookqa", "social_iqa", "commonsense_qa", "boolq")
 GENERAL = ("arc_easy", "arc_challenge", "piqa", "sciq")
-STEPS, EVAL_LIMIT, LEARNING_RATE, SEEDS = 30, 100, 5e-4, (0, 1, 2)
+STEPS, EVAL_LIMIT, LEARNING_RATE, SEEDS = 25, 80, 5e-4, (0, 1, 2)
 VARIANTS: dict[str, dict[str, Any]] = {
     "lora": {"label": "LoRA (sequential)", "method": "lora", "adapter": {}},
     "er": {"label": "ER", "method": "er", "adapter": {}},
