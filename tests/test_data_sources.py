@@ -127,3 +127,15 @@ def test_a_missing_path_and_a_bad_weight():
         parse_sources("a.jsonl*0")
     with pytest.raises(DataError, match="must be a number"):
         parse_sources("a.jsonl*many")
+
+
+def test_train_and_held_out_needs_rows_with_answers_on_both_sides(tmp_path):
+    from slim_peft.data import train_and_held_out
+
+    rows = read_source(DataSource(str(write_jsonl(tmp_path / "t.jsonl", [{"text": f"row {i}"} for i in range(20)]))))
+    with pytest.raises(DataError, match=r"t.jsonl: 20 rows give \d+ for training and 0 held out with an answer"):
+        train_and_held_out(rows, 0.5, "t.jsonl")
+    chats = read_source(DataSource(str(write_jsonl(tmp_path / "c.jsonl", [
+        {"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)]))))
+    train, held = train_and_held_out(chats, 0.5, "c.jsonl")
+    assert train and held and len(train) + len(held) == 20

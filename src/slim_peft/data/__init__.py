@@ -19,6 +19,7 @@ from .sources import (
     read_source,
     read_sources,
     related_tasks,
+    train_and_held_out,
 )
 
 __all__ = [
@@ -27,5 +28,5 @@ __all__ = [
     "SeededBatchOrder", "SourcedRow", "TokenizedExample", "build_row_examples", "build_task_examples",
     "dataset_fingerprint", "detect_format", "encode_conversation", "encode_example", "encode_row",
     "end_of_turn_text", "held_out_split", "load_dataset", "packed_attention_mask", "parse_row", "parse_sources",
-    "read_source", "read_sources", "related_tasks", "shard",
+    "read_source", "read_sources", "related_tasks", "shard", "train_and_held_out",
 ]

@@ -170,6 +170,18 @@ def held_out_split(rows: Sequence[SourcedRow], test_fraction: float) -> tuple[li
     return train, test
 
 
+def train_and_held_out(rows: Sequence[SourcedRow], test_fraction: float, name: str
+                       ) -> tuple[list[SourcedRow], list[SourcedRow]]:
+    """(training rows, held-out rows that have an answer to generate): `held_out_split` for the generative
+    judges; a `DataError` when either side would be empty."""
+    train, held = held_out_split(rows, test_fraction)
+    held = [r for r in held if r.row.messages]
+    if not train or not held:
+        raise DataError(f"{name}: {len(rows)} rows give {len(train)} for training and {len(held)} held out with an "
+                        f"answer (held-out fraction {test_fraction}; plain text rows have none): give more rows")
+    return train, held
+
+
 # ------------------------------------------------------------------------------------------------ readers
 def _raw_rows(source: DataSource) -> list[tuple[str, Any]]:
     if source.path in EMBEDDED_DATA:

@@ -36,9 +36,9 @@ from slim_peft.data import (
     EMBEDDED_DATA,
     build_row_examples,
     build_task_examples,
-    held_out_split,
     parse_sources,
     read_sources,
+    train_and_held_out,
 )
 from slim_peft.errors import ConfigError
 from slim_peft.evaluation import EvalResult, TaskResult
@@ -167,11 +167,7 @@ def read_sequence(cfg: ContinualConfig) -> list[SequenceTask]:
             out.append(SequenceTask(registered, registered))
             continue
         rows = read_sources(parse_sources(name), seed=cfg.seed)
-        train, held = held_out_split(rows, cfg.held_out_fraction)
-        held = [r for r in held if r.row.messages]
-        if not train or not held:
-            raise ConfigError(f"{name}: {len(rows)} rows give {len(train)} for training and {len(held)} held "
-                              f"out with an answer; give more rows")
+        train, held = train_and_held_out(rows, cfg.held_out_fraction, name)
         out.append(SequenceTask(Path(name).stem if Path(name).suffix else name, None, train, held))
     return out
 

@@ -28,10 +28,10 @@ from slim_peft.data import (
     SourcedRow,
     build_row_examples,
     build_task_examples,
-    held_out_split,
     parse_sources,
     read_sources,
     related_tasks,
+    train_and_held_out,
 )
 from slim_peft.errors import ConfigError
 from slim_peft.evaluation import (
@@ -265,10 +265,6 @@ class TrainingData:
     held_out: list[SourcedRow]
     related: set[str]  # evaluation tasks the rows were drawn from
 
-    @property
-    def name(self) -> str:
-        return "held_out" if self.rows else ",".join(self.tasks)
-
 
 def read_training_data(cfg: LearnForgetConfig) -> TrainingData:
     """The tasks, or every row of `cfg.data` read, validated and split (a bad row fails here, before any model
@@ -276,17 +272,10 @@ def read_training_data(cfg: LearnForgetConfig) -> TrainingData:
     if not cfg.data:
         return TrainingData(register_tasks(cfg.tasks), [], [], set())
     sources = parse_sources(cfg.data, data_format=cfg.data_format)
-    rows = read_sources(sources, seed=cfg.seed)
-    train, held_out = held_out_split(rows, cfg.held_out_fraction)
-    if not train or not held_out:
-        raise ConfigError(f"{len(rows)} rows split into {len(train)} for training and {len(held_out)} held out "
-                          f"(held_out_fraction {cfg.held_out_fraction}): give more rows")
-    if not any(r.row.messages for r in held_out):
-        raise ConfigError("the held-out rows are all plain text: the generative score needs rows with an answer "
-                          "(messages, prompt/completion, alpaca or sharegpt)")
+    train, held_out = train_and_held_out(read_sources(sources, seed=cfg.seed), cfg.held_out_fraction, cfg.data)
     if cfg.train_limit:
         train = train[:cfg.train_limit]
-    return TrainingData([], train, [r for r in held_out if r.row.messages], related_tasks(sources))
+    return TrainingData([], train, held_out, related_tasks(sources))
 
 
 def run_suites(cfg: LearnForgetConfig, data: TrainingData, general: list[str]) -> dict[str, Suite]:
