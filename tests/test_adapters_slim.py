@@ -31,6 +31,61 @@ def test_slim_all_weight_on_identity_is_the_base_model_exactly():
         assert torch.equal(model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits, ref)
 
 
+class IdentityWhere(torch.nn.Module):
+    """Router logits that send a token to the identity experts only (both top-2 picks) where `rule(h)` holds,
+    and to LoRA experts elsewhere."""
+
+    def __init__(self, num_lora: int, num_experts: int, rule) -> None:
+        super().__init__()
+        self.num_lora, self.num_experts, self.rule = num_lora, num_experts, rule
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros(h.shape[0], self.num_experts) + torch.arange(self.num_experts) * 1e-3  # no ties
+        z[:, self.num_lora:] += 10.0 * self.rule(h).float()[:, None] - 5.0
+        return z
+
+
+def identity_routed_slim(rule):
+    cfg = sp.SlimConfig(r=4, num_lora_experts=3, num_identity_experts=2, top_k=2, target_modules="all-linear",
+                        routing="linear")
+    model = sp.get_adapter_model(tiny_llama(), cfg)
+    randomize(model)
+    for r in routers(model).values():
+        r.router = IdentityWhere(3, 5, rule)
+    return model.eval()
+
+
+def test_tokens_routed_to_identity_only_skip_the_lora_matmuls_in_inference(monkeypatch):
+    import slim_peft.adapters.methods.slim.layer as slim_layer
+
+    model = identity_routed_slim(lambda h: h[:, 0] > 0)  # about half the tokens of every layer
+    data = batch()
+    with torch.enable_grad():  # with autograd every row takes the dense path: the reference
+        ref = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits.detach()
+    assert all(r.current_rows is None for r in routers(model).values())
+    got = logits(model, data)
+    rows = [r.current_rows for r in routers(model).values()]
+    T = data["input_ids"].numel()
+    assert all(x is not None and 0 < x.numel() < T for x in rows)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(got, logits(tiny_llama(), data))  # the LoRA rows still count
+
+    everything = identity_routed_slim(lambda h: torch.ones(h.shape[0], dtype=torch.bool))
+    calls = []
+    real = slim_layer.mix_experts
+    monkeypatch.setattr(slim_layer, "mix_experts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.equal(logits(everything, data), logits(tiny_llama(), data))
+    ids = data["input_ids"][:1, :5]
+    with torch.no_grad():
+        out = everything.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(out, tiny_llama().generate(input_ids=ids, max_new_tokens=4, do_sample=False))
+    assert calls == []  # no LoRA matmul ran, in the prefill or at any decoded token
+    everything.train()
+    with torch.no_grad():
+        everything(input_ids=ids)
+    assert calls and all(r.current_rows is None for r in routers(everything).values())  # training: dense
+
+
 def test_slim_with_one_expert_equals_lora():
     base = tiny_llama()
     data = batch()

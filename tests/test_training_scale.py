@@ -212,6 +212,24 @@ def test_every_method_trains_with_the_trainers_bf16_autocast_and_checkpointing(n
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(native, monkeypatch, tmp_path):
+    import warnings
+
+    import slim_peft.training.trainer as trainer_module
+    from test_training import tiny_examples
+
+    from slim_peft.training import Trainer, TrainingArguments
+
+    monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: native)
+    model = sp.get_adapter_model(tiny_llama(vocab_size=64, pad_token_id=0), sp.LoraConfig(r=4))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, bf16=True, disable_tqdm=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(model, args, tiny_examples(4))._make_accelerator()
+    assert any("emulated" in str(w.message) for w in caught) is (not native)
+
+
 # --- SLIM's exact merge form ------------------------------------------------------------------------------
 
 

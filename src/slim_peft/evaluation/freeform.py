@@ -22,7 +22,7 @@ from slim_peft.errors import DataError
 from slim_peft.tasks import pad_token_id
 
 from .answers import ANSWER_METRICS
-from .generation import generate_greedy
+from .generation import generate_greedy, stop_token_ids
 from .metrics import _summary, ids_digest
 from .results import EvalResult, TaskResult
 
@@ -84,8 +84,7 @@ def evaluate_rows(model: Any, tokenizer: Any, rows: Sequence[SourcedRow], *, nam
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        eot = tokenizer.convert_tokens_to_ids(end_of_turn_text(tokenizer))
-        eos = sorted({t for t in (tokenizer.eos_token_id, eot) if isinstance(t, int) and t >= 0})
+        eos = stop_token_ids(tokenizer)
         answers = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                   stop=None, eos_token_ids=eos or None, do_sample=do_sample,
                                   temperature=temperature, top_p=top_p, seed=seed)

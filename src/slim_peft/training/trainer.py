@@ -19,7 +19,9 @@ The global batch is ``per_device_train_batch_size x processes x gradient_accumul
 walks the same seeded order of global micro-batches and takes its own slice, so a run with N processes
 follows the same data as one process with an N times larger per-device batch.
 
-Precision: ``bf16=True`` is accelerate's bf16 autocast (on CUDA, and on CPUs with bf16 support); a base loaded
+Precision: ``bf16=True`` is accelerate's bf16 autocast (on CUDA, and on CPUs with bf16 support: on a CPU without
+AVX512-BF16 or AMX the bf16 matmuls are emulated, 17x slower than fp32 on the AVX2 machine we measured, and the
+trainer warns, `cpu_has_native_bf16`); a base loaded
 in bf16 or fp16 keeps its dtype while the adapters, routers and cluster statistics stay fp32 (PEFT's
 autocast_adapter_dtype behaviour), and routing runs in fp32 with autocast off. ``gradient_checkpointing=True``
 checkpoints every decoder layer (non-reentrant); the adapters' forward statistics skip the recompute and move
@@ -67,6 +69,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -112,6 +115,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls in hardware (AVX512-BF16 or AMX tiles), as oneDNN needs for bf16
+    autocast to pay."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def configure_threads(requested: int = 0, processes_on_machine: int = 1) -> int:
@@ -199,13 +209,17 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs
 
         mixed = "bf16" if self.args.bf16 else "no"
+        has_accel = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+        if self.args.bf16 and not has_accel and not cpu_has_native_bf16():
+            warnings.warn("bf16=True on a CPU without AVX512-BF16 or AMX: its bf16 matmuls are emulated and run "
+                          "much slower than fp32 (17x for one linear's forward and backward on an AVX2 machine); "
+                          "train in fp32 here (drop --bf16) unless you need bf16's numbers", stacklevel=3)
         if AcceleratorState._shared_state:
             st = AcceleratorState()
             if st.distributed_type == "NO" and str(st.mixed_precision) != mixed:
                 AcceleratorState._reset_state()  # one process, another precision: a fresh state is allowed
         method = getattr(self.model, "method", None)  # an AdapterModel's registry entry
         find_unused = bool(getattr(method, "sparse_routing", False))  # top-k: some experts get no gradient
-        has_accel = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
         # cpu=True on a machine without an accelerator: processes started by torchrun or `accelerate launch
         # --multi_gpu` then form a MULTI_CPU (gloo) group instead of each running alone
         return Accelerator(mixed_precision=mixed, cpu=not has_accel,

@@ -3,7 +3,8 @@
 Per mixture site: N_L LoRA experts (a stacked `LoraExpertBank` per adapted linear) and N_I identity experts.
 An identity expert has no parameters and adds nothing: y = (W + sum_{i in LoRA} w_i s B_i' A_i') x + b, the
 weight routed to identity experts is weight taken from the adapters. Identity experts therefore cost no
-FLOPs: they exist only as router outputs (expert ids >= N_L), which the dispatch drops.
+FLOPs: they exist only as router outputs (expert ids >= N_L), which the dispatch drops; in inference on the CPU a
+token whose top-K are all identity experts skips the LoRA matmuls altogether (`SlimRouter.lora_rows`).
 
 Routing: router logits z = R h (fp32); the distance d of h to the sliding clusters
 of the training distribution lowers the LoRA logits, z_i <- z_i - gamma d (weight yielding); top-K, softmax
@@ -98,6 +99,7 @@ class SlimRouter(nn.Module):
         self.register_buffer("yield_sign", is_lora, persistent=False)  # 1 for LoRA experts, 0 for identity
         self.forced: torch.Tensor | None = None  # E weights given to every token (analysis and tests)
         self.current: tuple[torch.Tensor, torch.Tensor] | None = None  # last routing (block mode)
+        self.current_rows: torch.Tensor | None = None  # rows of `current` with a LoRA pick (None: every row)
         self.last_logits: torch.Tensor | None = None
 
     def distance(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -127,7 +129,21 @@ class SlimRouter(nn.Module):
 
     def route(self, h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         with fp32_routing(h.device):
-            return self._route(h.reshape(-1, h.shape[-1]).float(), mask)
+            idx, weights = self._route(h.reshape(-1, h.shape[-1]).float(), mask)
+        self.current_rows = self.lora_rows(idx)
+        return idx, weights
+
+    def lora_rows(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """In inference on the CPU: the rows whose top-K picks include a LoRA expert, so that the layers skip the
+        rest (a token routed to identity experts only costs no LoRA matmul); None means every row (training,
+        autograd, accelerators, or no row to skip). It reads one count back to the host per routing, free on a
+        CPU; on an accelerator that read would stall the queue at every layer, so there the dense path runs."""
+        if self.training or torch.is_grad_enabled() or idx.device.type != "cpu":
+            return None
+        uses_lora = (idx < self.num_lora).any(dim=-1)
+        if int(uses_lora.sum()) == idx.shape[0]:
+            return None
+        return uses_lora.nonzero().squeeze(1)
 
     def _route(self, h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         w = mask.float() if mask is not None else h.new_ones(h.shape[0])
@@ -265,6 +281,9 @@ class SlimLinear(nn.Module):
         if self._shared_router[0] is None:
             router.current = router.route(xt, self.ctx.flat_mask(xt.shape[0]))
         idx, weights = router.current
+        rows = router.current_rows
+        if rows is not None and self.cfg.merge_form == "fast":
+            return self._forward_rows(result, xt, idx, weights, rows)
         A = self.experts.lora_A
         x_drop = self.lora_dropout(xt.to(A.dtype))
         weights = weights * self.scaling  # s rides on the T x K weights, not on the T x d_out output
@@ -281,6 +300,21 @@ class SlimLinear(nn.Module):
         if self.ctx.collect_aux:
             self.ctx.add_aux("l1", self.l1())
         return y.view(result.shape)
+
+    def _forward_rows(self, result: torch.Tensor, xt: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                      rows: torch.Tensor) -> torch.Tensor:
+        """Inference where only `rows` have a LoRA pick (`SlimRouter.lora_rows`): the mixture of those rows
+        alone, added into the base output; with no such row, the base output itself."""
+        out = result.reshape(-1, result.shape[-1])
+        if rows.numel():
+            A = self.experts.lora_A
+            y = mix_experts(self.lora_dropout(xt.index_select(0, rows).to(A.dtype)), *self.factors(self.masks()),
+                            idx.index_select(0, rows), weights.index_select(0, rows) * self.scaling,
+                            self.cfg.dispatch)
+            out.index_add_(0, rows, y.to(out.dtype))
+        if self.ctx.collect_aux:
+            self.ctx.add_aux("l1", self.l1())
+        return out.view(result.shape)
 
     def l1(self) -> torch.Tensor:
         """This bank's L1 term (`l1_penalty`), computed in the layer's forward, where FSDP has the factors
