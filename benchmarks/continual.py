@@ -28,7 +28,8 @@ checkpoints; stored runs are skipped.
     python benchmarks/continual.py --variants lora,ilora --seeds 0
     python benchmarks/continual.py --report-only              # regenerate the report from the stored JSONs
 
-Stored runs: benchmarks/results/continual/<variant>__seed<k>.json; report: benchmarks/results/continual.md. Working directories (checkpoints): runs/continual-study/ (not committed).
+Stored runs: benchmarks/results/continual/<variant>__seed<k>.json; report: benchmarks/results/continual.md.
+Working directories (checkpoints): runs/continual-study/ (not committed).
 """
 
 from __future__ import annotations

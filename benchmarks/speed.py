@@ -175,16 +175,22 @@ def reference_for(name: str) -> str:
     return "peft:" + ",".join(TRAIN_CONFIGS[name][1]["target_modules"])
 
 
-def slim_inference_model(device: str, ids, mask):
-    """SLIM with non-zero experts and routers and clusters initialised on the batch, in eval mode."""
+def slim_inference_model(device: str, ids, mask, name: str = "slim"):
+    """An adapter model of `name` (a TRAIN_CONFIGS method; "slim (all identity)": SLIM with every token's weight
+    forced onto its two identity experts) with non-zero experts and routers, SLIM's clusters initialised on the
+    batch, in eval mode (fixed eval masks)."""
     import torch
 
     import slim_peft as sp
-    model = sp.get_adapter_model(load_base(device), sp.config_from_dict({"method": "slim", **TRAIN_CONFIGS["slim"][1]}))
+    method = "slim" if name.startswith("slim") else name
+    model = sp.get_adapter_model(load_base(device), sp.config_from_dict({"method": TRAIN_CONFIGS[method][0],
+                                                                         **TRAIN_CONFIGS[method][1]}))
     randomize_adapter(model)
     model.train()
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, labels=ids)
+    if name == "slim (all identity)":
+        model.force_routing([0.0] * 8 + [0.5, 0.5])
     return model.eval()
 
 
@@ -247,19 +253,27 @@ def worker_rss(args, what: str) -> dict[str, Any]:
     return out
 
 
+INFER_MODELS = ("slim", "slim (all identity)", "mixlora", "loramoe", "mola")
+
+
 def worker_infer(args) -> dict[str, Any]:
+    """Prefill and decode of the base model and of each of INFER_MODELS, interleaved; the KV-cache check on
+    SLIM."""
     import torch
     ids, mask, _ = batch(args, args.device)
     base = load_base(args.device).eval()
-    slim = slim_inference_model(args.device, ids, mask)
-    fns = {}
-    for key, model in (("base", base), ("slim", slim)):
-        fns[key] = prefill_and_decode(model, ids, mask, args.device)
+    # the control: a second copy of the base model, the same computation on other memory; its ratio to the base
+    # is the null ratio, what this machine's noise and memory placement alone make of two equal sides
+    models = {"base": base, "base (second copy)": load_base(args.device).eval()}
+    for name in (INFER_MODELS if not args.quick else INFER_MODELS[:2]):
+        models[name] = slim_inference_model(args.device, ids, mask, name)
+    slim = models["slim"]
+    fns = {key: prefill_and_decode(model, ids, mask, args.device) for key, model in models.items()}
     for prefill, decode in fns.values():
         for _ in range(args.warmup):
             prefill()
             decode()
-    times: dict[str, list[float]] = {"base_prefill": [], "base_decode": [], "slim_prefill": [], "slim_decode": []}
+    times: dict[str, list[float]] = {f"{key}_{phase}": [] for key in fns for phase in ("prefill", "decode")}
     for _ in range(args.repeats):
         for key, (prefill, decode) in fns.items():
             times[f"{key}_prefill"].append(timed(prefill, args.device))
@@ -272,7 +286,12 @@ def worker_infer(args) -> dict[str, Any]:
         step = slim(input_ids=nxt[:, None], attention_mask=m2, past_key_values=out.past_key_values, use_cache=True)
         full = slim(input_ids=torch.cat([ids, nxt[:, None]], 1), attention_mask=m2)
         err = (step.logits[:, -1] - full.logits[:, -1]).abs().max().item()
-    return {"times": times, "kv_cache_step_vs_full_max_abs": err, "flops": flop_budget(base.config)}
+    identity = models["slim (all identity)"]
+    with torch.no_grad():
+        same = torch.equal(identity(input_ids=ids, attention_mask=mask).logits,
+                           base(input_ids=ids, attention_mask=mask).logits)
+    return {"times": times, "kv_cache_step_vs_full_max_abs": err, "flops": flop_budget(base.config),
+            "batch": args.batch, "all_identity_equals_base": same}
 
 
 def flop_budget(cfg) -> dict[str, float]:
@@ -475,15 +494,18 @@ def run_worker(args) -> None:
 
 # --- orchestration -----------------------------------------------------------------------------------------
 
-def spawn(args, worker: str) -> dict[str, Any]:
-    """Run one worker in a fresh interpreter; its result is kept in the work dir (reused with --resume)."""
-    path = args.work_dir / (worker.replace("/", "_").replace(":", "_").replace(",", "_") + ".json")
+def spawn(args, worker: str, batch: int | None = None) -> dict[str, Any]:
+    """Run one worker in a fresh interpreter (at `batch` rows, default --batch); its result is kept in the work
+    dir (reused with --resume)."""
+    batch = batch or args.batch
+    suffix = "" if batch == args.batch else f"_b{batch}"
+    path = args.work_dir / (worker.replace("/", "_").replace(":", "_").replace(",", "_") + suffix + ".json")
     if args.resume and path.is_file():
         print(f"  {worker:28s} (reused from {path})", flush=True)
         return json.loads(path.read_text())
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--worker-out", str(path),
            "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-           "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device]
+           "--batch", str(batch), "--seq", str(args.seq), "--device", args.device]
     if args.quick:
         cmd.append("--quick")
     env = dict(os.environ)
@@ -535,6 +557,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=None, help="comma-separated TRAIN_CONFIGS names (default: all)")
     p.add_argument("--out", type=Path, default=None, help="results dir (default: benchmarks/results; quick: temp)")
     p.add_argument("--no-rss", action="store_true", help="skip the per-configuration RSS subprocesses")
+    p.add_argument("--only", choices=["infer"], default=None,
+                   help="infer: only the inference section (batch --batch and batch 1), written to "
+                        "speed_inference.md/json")
     p.add_argument("--resume", action="store_true", help="reuse the worker results of an interrupted run with the "
                                                          "same settings (kept in the work dir)")
     p.add_argument("--omp-wait-policy", default="PASSIVE",
@@ -569,7 +594,16 @@ def main(argv: list[str] | None = None) -> None:
                 answer_tokens=min(ANSWER_TOKENS, args.seq // 2), new_tokens=NEW_TOKENS)
     print(f"speed benchmark: {args.batch} x {args.seq} tokens, {args.threads} threads, {args.repeats} repeats",
           flush=True)
-    res: dict[str, Any] = {"train": {}, "rss": {}}
+    if args.only == "infer":
+        res = {"infer": spawn(args, "infer"), "infer_b1": spawn(args, "infer", batch=1)}
+        meta["load_avg_end"] = os.getloadavg()
+        meta["wall_s"] = time.perf_counter() - started
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "speed_inference.json").write_text(json.dumps({"meta": meta, "results": res}, indent=2))
+        (out_dir / "speed_inference.md").write_text(inference_report(meta, res, out_dir / "speed.json"))
+        print(f"wrote {out_dir / 'speed_inference.md'} in {meta['wall_s']:.0f} s")
+        return
+    res = {"train": {}, "rss": {}}
     for name in names:
         res["train"][name] = spawn(args, f"train={name}")
     res["infer"] = spawn(args, "infer")
@@ -622,6 +656,55 @@ def evaluate(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
             c["pass"] = c["ratio"] >= TARGETS[key]
     checks["mixlora_vs_peer"]["pass"] &= res["peer"]["logits_max_abs_diff"] <= 1e-4
     return dict(sorted(checks.items(), key=lambda kv: list(TARGETS).index(kv[0])))
+
+
+INFER_TARGETS = {"prefill": 1.10, "decode": 1.15}  # SLIM over the base model, at batch 8 and at batch 1
+
+
+def inference_report(meta: dict[str, Any], res: dict[str, Any], previous: Path) -> str:
+    """speed_inference.md: every mixture's prefill and decode over the base model at both batch sizes, SLIM's
+    targets, and the previous full run's SLIM figures (speed.json) beside them."""
+    L = ["# Speed: inference of the mixtures over the base model", "",
+         f"Command: `{meta['command']}`  ", f"Machine: {meta['cpu']}, {meta['cores']} cores, {meta['threads']} torch "
+         f"threads, torch {meta['torch']}, transformers {meta['transformers']}; {meta['date']}; load average at start "
+         f"{tuple(round(x, 2) for x in meta['load_avg_start'])}, at end "
+         f"{tuple(round(x, 2) for x in meta['load_avg_end'])}; run time {meta['wall_s']:.0f} s", "",
+         f"Model: the embedded SmolLM2-135M-Instruct in fp32, prompts of {meta['seq']} tokens; prefill = the prompt "
+         f"with the KV cache on and the last logits, decode = {NEW_TOKENS} greedy tokens from that cache. Adapters "
+         "at r=16 with non-zero weights (`TRAIN_CONFIGS`), eval mode, SLIM's fixed eval masks. All models run in one "
+         f"process, alternating call by call: median of {meta['repeats']} repeats after {meta['warmup']} warm-up "
+         "(min-max), ms; ratio = ratio of medians (min-max of the call-by-call ratios). `base (second copy)` is "
+         "the control: the same model loaded twice, so its ratio is what noise and memory placement alone give "
+         "two equal sides on this machine.", ""]
+    old = json.loads(previous.read_text()) if previous.is_file() else None
+    L += ["## SLIM's targets", "", "| batch | phase | SLIM / base | paired min-max | goal | result | previous run |",
+          "|---|---|---|---|---|---|---|"]
+    for key in ("infer", "infer_b1"):
+        r = res[key]
+        for phase, goal in INFER_TARGETS.items():
+            rr = ratio(r["times"][f"slim_{phase}"], r["times"][f"base_{phase}"])
+            before = "-"
+            if old and key == "infer" and old["meta"]["batch"] == r["batch"]:
+                t = old["results"]["infer"]["times"]
+                before = f"{ratio(t[f'slim_{phase}'], t[f'base_{phase}'])['ratio']:.3f} ({old['meta']['cpu']}, " \
+                         f"{old['meta']['date'][:10]})"
+            L.append(f"| {r['batch']} | {phase} | {rr['ratio']:.3f} | {rr['paired_min']:.3f}-{rr['paired_max']:.3f} | "
+                     f"<= {goal} | {'PASS' if rr['ratio'] <= goal else 'FAIL'} | {before} |")
+    for key in ("infer", "infer_b1"):
+        r = res[key]
+        t = r["times"]
+        L += ["", f"## Batch {r['batch']}", "", "| model | prefill ms | / base | decode ms | / base |",
+              "|---|---|---|---|---|"]
+        for name in dict.fromkeys(k.rsplit("_", 1)[0] for k in t):
+            cells = []
+            for phase in ("prefill", "decode"):
+                rr = ratio(t[f"{name}_{phase}"], t[f"base_{phase}"])
+                cells += [fmt(t[f"{name}_{phase}"]), f"{rr['ratio']:.3f}"]
+            L.append(f"| {name} | " + " | ".join(cells) + " |")
+        L += ["", f"KV-cache check (SLIM): one cached step vs the full forward, max |logit diff| "
+                  f"{r['kv_cache_step_vs_full_max_abs']:.2e}. SLIM with all weight on identity experts gives the base "
+                  f"model's logits exactly: {r['all_identity_equals_base']}."]
+    return "\n".join(L) + "\n"
 
 
 def fmt(s: list[float], scale: float = 1e3) -> str:

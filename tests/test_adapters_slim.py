@@ -80,10 +80,35 @@ def test_tokens_routed_to_identity_only_skip_the_lora_matmuls_in_inference(monke
         out = everything.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
         assert torch.equal(out, tiny_llama().generate(input_ids=ids, max_new_tokens=4, do_sample=False))
     assert calls == []  # no LoRA matmul ran, in the prefill or at any decoded token
+    forced = identity_routed_slim(lambda h: h[:, 0] > 0)
+    forced.force_routing([0.0, 0.0, 0.0, 0.5, 0.5])  # LoRA ids picked with weight 0 count as identity
+    assert torch.equal(logits(forced, data), logits(tiny_llama(), data)) and calls == []
     everything.train()
     with torch.no_grad():
         everything(input_ids=ids)
     assert calls and all(r.current_rows is None for r in routers(everything).values())  # training: dense
+
+
+def test_inference_routing_caches_equal_the_plain_routing_and_follow_the_clusters():
+    model = sp.get_adapter_model(tiny_llama(), sp.SlimConfig(r=4, yield_strength=2.0))
+    randomize(model)
+    train_steps(model, steps=2)  # clusters initialised and moved
+    model.eval()
+    r = next(iter(routers(model).values()))
+    h = torch.randn(40, 32)
+    with torch.enable_grad():  # autograd: nothing cached, the reference
+        ref = r.route(h, None)
+    with torch.no_grad():
+        got = r.route(h, None)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    with torch.no_grad():  # the cached ||c||^2 and 1 / sqrt(v + eps) follow a change of the clusters
+        r.clusters.variances.mul_(0.01)
+        r.clusters.centres.add_(0.3)
+        moved = r.route(h, None)
+    with torch.enable_grad():
+        ref_moved = r.route(h, None)
+    assert torch.equal(moved[0], ref_moved[0]) and torch.equal(moved[1], ref_moved[1])
+    assert not torch.equal(moved[1], got[1])
 
 
 def test_slim_with_one_expert_equals_lora():

@@ -216,9 +216,9 @@ def test_every_method_trains_with_the_trainers_bf16_autocast_and_checkpointing(n
 def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(native, monkeypatch, tmp_path):
     import warnings
 
-    import slim_peft.training.trainer as trainer_module
     from test_training import tiny_examples
 
+    import slim_peft.training.trainer as trainer_module
     from slim_peft.training import Trainer, TrainingArguments
 
     monkeypatch.setattr(trainer_module, "cpu_has_native_bf16", lambda: native)

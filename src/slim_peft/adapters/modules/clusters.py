@@ -40,16 +40,28 @@ class SlidingClusters(nn.Module):
         self._pending: torch.Tensor | None = None  # C x (1 + 2 d): counts, sums of h, sums of (h - c_k)^2
         self._pending_rho: torch.Tensor | None = None  # (sum of rho, number of tokens)
         self._pending_forwards = 0
+        self._derived_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def ready(self) -> bool:
         if not self._ready:
             self._ready = bool(self.initialized)
         return self._ready
 
+    def _derived(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(||c||^2 per centre, 1 / sqrt(v + eps)), C and C x d: recomputed while the state can move (training,
+        autograd), kept in inference while the buffers are unchanged (one fewer pass over them per routing of a
+        decoded token)."""
+        c, v = self.centres, self.variances
+        if self.training or torch.is_grad_enabled():
+            return c.square().sum(1), torch.rsqrt(v + EPS)
+        key = (c._version, v._version, c.data_ptr(), v.data_ptr())
+        if self._derived_cache is None or self._derived_cache[0] != key:
+            self._derived_cache = (key, (c.square().sum(1), torch.rsqrt(v + EPS)))
+        return self._derived_cache[1]
+
     def nearest(self, h: torch.Tensor) -> torch.Tensor:
         """Index of the nearest centre (Euclidean): argmin of ||c||^2 - 2 h.c, one T x C matmul."""
-        c = self.centres
-        return torch.addmm(c.square().sum(1), h, c.t(), alpha=-2.0).argmin(dim=-1)
+        return torch.addmm(self._derived()[0], h, self.centres.t(), alpha=-2.0).argmin(dim=-1)
 
     def deviation(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """|h - c_k| (T x d), a fresh tensor the caller may modify."""
@@ -57,7 +69,7 @@ class SlidingClusters(nn.Module):
 
     def rho_from(self, dev: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """rho from |h - c_k|: max over channels of |h - c_k| / sqrt(v_k + eps)."""
-        inv_std = torch.rsqrt(self.variances + EPS)  # C x d, not T x d
+        inv_std = self._derived()[1]  # C x d, not T x d
         return (dev * inv_std.index_select(0, k)).amax(dim=-1)
 
     def rho(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -130,17 +130,18 @@ class SlimRouter(nn.Module):
     def route(self, h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         with fp32_routing(h.device):
             idx, weights = self._route(h.reshape(-1, h.shape[-1]).float(), mask)
-        self.current_rows = self.lora_rows(idx)
+        self.current_rows = self.lora_rows(idx, weights)
         return idx, weights
 
-    def lora_rows(self, idx: torch.Tensor) -> torch.Tensor | None:
-        """In inference on the CPU: the rows whose top-K picks include a LoRA expert, so that the layers skip the
-        rest (a token routed to identity experts only costs no LoRA matmul); None means every row (training,
-        autograd, accelerators, or no row to skip). It reads one count back to the host per routing, free on a
-        CPU; on an accelerator that read would stall the queue at every layer, so there the dense path runs."""
+    def lora_rows(self, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+        """In inference on the CPU: the rows whose top-K picks include a LoRA expert with a non-zero weight, so
+        that the layers skip the rest (a token routed to identity experts only costs no LoRA matmul); None means
+        every row (training, autograd, accelerators, or no row to skip). It reads one count back to the host per
+        routing, free on a CPU; on an accelerator that read would stall the queue at every layer, so there the
+        dense path runs."""
         if self.training or torch.is_grad_enabled() or idx.device.type != "cpu":
             return None
-        uses_lora = (idx < self.num_lora).any(dim=-1)
+        uses_lora = ((idx < self.num_lora) & (weights != 0)).any(dim=-1)
         if int(uses_lora.sum()) == idx.shape[0]:
             return None
         return uses_lora.nonzero().squeeze(1)
@@ -162,10 +163,9 @@ class SlimRouter(nn.Module):
             idx, weights = top_k_routing(logits, self.cfg.top_k)
         if not in_backward():  # a checkpointed recompute must not count its tokens twice
             with torch.no_grad():
-                per_expert = torch.zeros_like(self.stat_weight).index_add_(
-                    0, idx.reshape(-1), (weights * w[:, None]).reshape(-1))
-                self.stat_weight += per_expert
-                self.stat_tokens += w.sum()
+                counted = weights if mask is None else weights * w[:, None]
+                self.stat_weight.index_add_(0, idx.reshape(-1), counted.reshape(-1))
+                self.stat_tokens += h.shape[0] if mask is None else w.sum()
         return idx, weights
 
     def stats(self) -> dict:
