@@ -438,8 +438,10 @@ def worker_profile(args, what: str) -> dict[str, Any]:
     from torch.profiler import profile, record_function
 
     import slim_peft.adapters.methods.slim.layer as S
-    wrapped = {"route": (S.SlimRouter, "route"), "mixture (dense/grouped)": (S, "mix_experts"),
-               "mask drawing": (S.SlimLinear, "masks"), "masked factors": (S.SlimLinear, "factors")}
+    wrapped = {"route": (S.SlimRouter, "route"), "cluster distance": (S.SlimRouter, "distance"),
+               "identity-row check": (S.SlimRouter, "lora_rows"), "mixture (dense/grouped)": (S, "mix_experts"),
+               "mask drawing": (S.SlimLinear, "masks"), "masked factors": (S.SlimLinear, "factors"),
+               "SLIM layers (whole)": (S.SlimLinear, "forward")}
     for label, (obj, attr) in wrapped.items():
         fn = getattr(obj, attr)
 
@@ -455,6 +457,10 @@ def worker_profile(args, what: str) -> dict[str, Any]:
         import torch
         ours, theirs = peer_models(args)
         run, ref = ((lambda m=m: torch.no_grad()(m)(input_ids=ids, attention_mask=mask)) for m in (ours, theirs))
+    elif what == "generate":  # a prefill and its 32 decoded tokens
+        slim = slim_inference_model(args.device, ids, mask)
+        pairs = [prefill_and_decode(m, ids, mask, args.device) for m in (slim, load_base(args.device).eval())]
+        run, ref = ((lambda pf=pf, dec=dec: (pf(), dec())) for pf, dec in pairs)
     else:
         slim = slim_inference_model(args.device, ids, mask)
         run = prefill_and_decode(slim, ids, mask, args.device)[0]
@@ -511,6 +517,9 @@ def spawn(args, worker: str, batch: int | None = None) -> dict[str, Any]:
     env = dict(os.environ)
     if args.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    # torch's allocator asks for transparent huge pages on large tensors: without it, two copies of the same model
+    # decoded up to 15% apart on one VM (whichever loaded first was faster), which biased every ratio to the base
+    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -591,11 +600,13 @@ def main(argv: list[str] | None = None) -> None:
                 date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), threads=args.threads,
                 batch=args.batch, seq=args.seq, repeats=args.repeats, warmup=args.warmup, device=args.device,
                 quick=args.quick, omp_wait_policy=args.omp_wait_policy or os.environ.get("OMP_WAIT_POLICY"),
+                thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE", "1"),
                 answer_tokens=min(ANSWER_TOKENS, args.seq // 2), new_tokens=NEW_TOKENS)
     print(f"speed benchmark: {args.batch} x {args.seq} tokens, {args.threads} threads, {args.repeats} repeats",
           flush=True)
     if args.only == "infer":
-        res = {"infer": spawn(args, "infer"), "infer_b1": spawn(args, "infer", batch=1)}
+        res = {"infer": spawn(args, "infer"), "infer_b1": spawn(args, "infer", batch=1),
+               "profile_b1": spawn(args, "profile=generate", batch=1)}
         meta["load_avg_end"] = os.getloadavg()
         meta["wall_s"] = time.perf_counter() - started
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -666,7 +677,8 @@ def inference_report(meta: dict[str, Any], res: dict[str, Any], previous: Path) 
     targets, and the previous full run's SLIM figures (speed.json) beside them."""
     L = ["# Speed: inference of the mixtures over the base model", "",
          f"Command: `{meta['command']}`  ", f"Machine: {meta['cpu']}, {meta['cores']} cores, {meta['threads']} torch "
-         f"threads, torch {meta['torch']}, transformers {meta['transformers']}; {meta['date']}; load average at start "
+         f"threads, THP_MEM_ALLOC_ENABLE={meta.get('thp_mem_alloc', 'unset')}, torch {meta['torch']}, transformers "
+         f"{meta['transformers']}; {meta['date']}; load average at start "
          f"{tuple(round(x, 2) for x in meta['load_avg_start'])}, at end "
          f"{tuple(round(x, 2) for x in meta['load_avg_end'])}; run time {meta['wall_s']:.0f} s", "",
          f"Model: the embedded SmolLM2-135M-Instruct in fp32, prompts of {meta['seq']} tokens; prefill = the prompt "
@@ -704,6 +716,17 @@ def inference_report(meta: dict[str, Any], res: dict[str, Any], previous: Path) 
         L += ["", f"KV-cache check (SLIM): one cached step vs the full forward, max |logit diff| "
                   f"{r['kv_cache_step_vs_full_max_abs']:.2e}. SLIM with all weight on identity experts gives the base "
                   f"model's logits exactly: {r['all_identity_equals_base']}."]
+    prof = res.get("profile_b1")
+    if prof:
+        L += ["", "## Where SLIM's time goes: a prefill and 32 decoded tokens at batch 1 (torch.profiler, CPU ms)", "",
+              f"SLIM total {prof['slim']['total_ms']:.0f} ms vs the base model {prof['reference']['total_ms']:.0f} ms. "
+              "Regions (inclusive; route includes the cluster distance and the identity-row check; the SLIM layers "
+              "include their base linear and the mixture): " + ", ".join(
+                  f"{k} {v:.0f}" for k, v in prof["slim"]["regions_ms"].items()), "",
+              "| op | SLIM self ms | calls | base self ms |", "|---|---|---|---|"]
+        ref_ops = {k: v for k, v, _ in prof["reference"]["top_ops"]}
+        for k, v, n in prof["slim"]["top_ops"]:
+            L.append(f"| {k} | {v:.0f} | {n} | {ref_ops.get(k, float('nan')):.0f} |")
     return "\n".join(L) + "\n"
 
 

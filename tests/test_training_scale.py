@@ -349,3 +349,22 @@ def test_every_router_passes_gradient_to_its_input():
         x = h.clone().requires_grad_()
         (route(x) * probe).sum().backward()
         assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_train_step_benchmark_counts_every_frozen_linear_and_the_adapters():
+    """benchmarks/train_step.py's floor: 2 x (2 x frozen linears x positions + 3 x adapter parameters x positions
+    + 2 x head x supervised positions), counted by hand on a 2-layer Llama with LoRA on its FFN."""
+    from conftest import load_benchmark
+
+    train_step = load_benchmark("train_step")
+    model = sp.get_adapter_model(tiny_llama(vocab_size=64), sp.LoraConfig(r=4, target_modules=["gate_proj", "up_proj",
+                                                                                               "down_proj"]))
+    labels = torch.full((2, 5), -100)
+    labels[:, -2:] = 3  # 4 supervised positions
+    step = [{"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5), "labels": labels}]
+    # per layer: q 32x32, k and v 32x16 (2 KV heads of 8), o 32x32, gate and up 32x64, down 64x32
+    frozen = 2 * (1024 + 512 + 512 + 1024 + 3 * 2048)
+    adapter = 2 * (2 * 4 * (32 + 64) + 4 * (64 + 32))  # per layer: gate and up 4 x (32 + 64) each, down 4 x 96
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == adapter
+    expected = 2 * (2 * frozen * 10 + 3 * adapter * 10 + 2 * 64 * 32 * 4)
+    assert train_step.matmul_flops(model, [step]) == expected
