@@ -19,11 +19,11 @@ The global batch is ``per_device_train_batch_size x processes x gradient_accumul
 walks the same seeded order of global micro-batches and takes its own slice, so a run with N processes
 follows the same data as one process with an N times larger per-device batch.
 
-Precision: ``bf16=True`` is accelerate's bf16 autocast (on CUDA, and on CPUs with bf16 support: on a CPU without
-AVX512-BF16 or AMX the bf16 matmuls are emulated, 17x slower than fp32 on the AVX2 machine we measured, and the
-trainer warns, `cpu_has_native_bf16`); a base loaded
-in bf16 or fp16 keeps its dtype while the adapters, routers and cluster statistics stay fp32 (PEFT's
-autocast_adapter_dtype behaviour), and routing runs in fp32 with autocast off. ``gradient_checkpointing=True``
+Precision: ``bf16=True`` is accelerate's bf16 autocast (on CUDA, and on CPUs with bf16 support; on a CPU without
+AVX512-BF16 or AMX the bf16 matmuls are emulated, 17x slower than fp32 on an AVX2 machine,
+benchmarks/results/train_step.md, and the trainer warns: `cpu_has_native_bf16`); a base loaded in bf16 or fp16
+keeps its dtype while the adapters, routers and cluster statistics stay fp32 (PEFT's autocast_adapter_dtype
+behaviour), and routing runs in fp32 with autocast off. ``gradient_checkpointing=True``
 checkpoints every decoder layer (non-reentrant); the adapters' forward statistics skip the recompute and move
 once per optimizer step (``AdapterModel.after_optimizer_step``), so gradients and cluster states equal those of
 the plain forward (tests/test_training_scale.py).
