@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .caching import DerivedCache
 from .statistics import all_reduce_sum_, is_distributed
 
 EPS = 1e-6
@@ -40,7 +41,7 @@ class SlidingClusters(nn.Module):
         self._pending: torch.Tensor | None = None  # C x (1 + 2 d): counts, sums of h, sums of (h - c_k)^2
         self._pending_rho: torch.Tensor | None = None  # (sum of rho, number of tokens)
         self._pending_forwards = 0
-        self._derived_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._derived_cache = DerivedCache()
 
     def ready(self) -> bool:
         if not self._ready:
@@ -52,12 +53,13 @@ class SlidingClusters(nn.Module):
         autograd), kept in inference while the buffers are unchanged (one fewer pass over them per routing of a
         decoded token)."""
         c, v = self.centres, self.variances
-        if self.training or torch.is_grad_enabled():
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             return c.square().sum(1), torch.rsqrt(v + EPS)
-        key = (c._version, v._version, c.data_ptr(), v.data_ptr())
-        if self._derived_cache is None or self._derived_cache[0] != key:
-            self._derived_cache = (key, (c.square().sum(1), torch.rsqrt(v + EPS)))
-        return self._derived_cache[1]
+
+        if self.training or torch.is_grad_enabled():
+            return build()
+        return self._derived_cache.get((c, v), build)
 
     def nearest(self, h: torch.Tensor) -> torch.Tensor:
         """Index of the nearest centre (Euclidean): argmin of ||c||^2 - 2 h.c, one T x C matmul."""

@@ -57,6 +57,7 @@ from slim_peft.errors import ConfigError
 
 from ...config import FFN_PROJ, AdapterConfig
 from ...context import ForwardContext
+from ...modules.caching import DerivedCache
 from ...modules.clusters import KeptClusters, SlidingClusters
 from ...modules.dare import (
     ReplayableKeepMask,
@@ -201,9 +202,9 @@ class SlimLinear(nn.Module):
             self.slim_router = SlimRouter(base_layer.in_features, cfg, device=device, seed=self.mask_seed)
         self._shared_router = [router]  # a list, so the shared router is not registered twice
         self._fixed_masks: tuple[torch.Tensor, ...] | None = None
-        self._factor_cache: tuple[tuple, Any] | None = None  # (key, masked factors or dense DARE weights)
+        self._factor_cache = DerivedCache()  # masked factors or dense DARE weights, in inference
         self.cache_exact_delta = True  # set by `check_exact_form_memory`
-        self._l1_cache: tuple[tuple, torch.Tensor] | None = None
+        self._l1_cache = DerivedCache()
 
     @property
     def router(self) -> SlimRouter:
@@ -268,11 +269,8 @@ class SlimLinear(nn.Module):
         evaluation) `for_cache()`, kept while the factors' versions and the fixed masks are unchanged."""
         if self.training or torch.is_grad_enabled() or (masks is not None and self.cfg.eval_mask != "fixed"):
             return build()
-        A, B = self.experts.lora_A, self.experts.lora_B
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), None if masks is None else id(masks[0]))
-        if self._factor_cache is None or self._factor_cache[0] != key:
-            self._factor_cache = (key, for_cache())
-        return self._factor_cache[1]
+        return self._factor_cache.get((self.experts.lora_A, self.experts.lora_B), for_cache,
+                                      None if masks is None else id(masks[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -322,11 +320,7 @@ class SlimLinear(nn.Module):
         value is reused while the factors are unchanged."""
         if torch.is_grad_enabled():
             return l1_penalty([self.experts])
-        A, B = self.experts.lora_A, self.experts.lora_B
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr())
-        if self._l1_cache is None or self._l1_cache[0] != key:
-            self._l1_cache = (key, l1_penalty([self.experts]))
-        return self._l1_cache[1]
+        return self._l1_cache.get((self.experts.lora_A, self.experts.lora_B), lambda: l1_penalty([self.experts]))
 
 
 def site_seed(merge_seed: int, name: str) -> int:
